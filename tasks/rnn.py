@@ -1,0 +1,132 @@
+"""Vanilla and leaky-integrator RNNs, time-major, with the paper's initializations.
+
+Vanilla (Pascanu et al. 2013, eq. 11; the state is the pre-activation ``x_t``)::
+
+    x_t = W_rec sigma(x_{t-1}) + W_in u_t + b,   sigma(x_0) := h_0 = 0,
+    y_t = W_out sigma(x_t) + b_out.
+
+This is the released code's ``h_t = sigma(W_rec h_{t-1} + W_in u_t + b)`` with
+``h_t = sigma(x_t)``; carrying ``x`` makes ``dx_{k+1}/dx_k = W_rec diag(sigma'(x_k))``,
+the Jacobian of the paper's analysis and of the regularizer Omega.
+
+Leaky integration (Jaeger et al. 2007), leak ``a`` in (0, 1)::
+
+    x_k = a x_{k-1} + (1 - a) sigma(W_rec x_{k-1} + W_in u_k + b),  x_0 = 0,
+    y_k = W_out x_k + b_out.
+
+Weights act on row vectors: ``W_rec`` is ``[H, H]`` with ``x W_rec``, so its spectral
+radius is the same as the paper's column convention.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Init = Literal["sigmoid", "basic_tanh", "smart_tanh"]
+INITS: tuple[str, ...] = ("sigmoid", "basic_tanh", "smart_tanh")
+ACTIVATIONS = {
+    "sigmoid": jax.nn.sigmoid,
+    "basic_tanh": jnp.tanh,
+    "smart_tanh": jnp.tanh,
+}
+
+#: smart_tanh: nonzero incoming recurrent weights per unit and target spectral radius.
+SMART_FAN_IN = 15
+SMART_RADIUS = 0.95
+
+
+def _eig_radius_host(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float64)
+    radius = np.abs(np.linalg.eigvals(w)).max(axis=-1)
+    return radius.astype(np.float32)
+
+
+def spectral_radius(w: Array) -> Array:
+    """Largest absolute eigenvalue of a square matrix (or a batch of them).
+
+    Computed by LAPACK on the host through ``jax.pure_callback`` so that it works inside
+    ``jit`` and ``vmap`` on every backend (``jnp.linalg.eigvals`` is CPU-only).
+    """
+    shape = jax.ShapeDtypeStruct(w.shape[:-2], jnp.float32)
+    return jax.pure_callback(_eig_radius_host, shape, w, vmap_method="expand_dims")
+
+
+def init_rnn(key: Array, n_in: int, n_hidden: int, n_out: int, init: str) -> dict:
+    """Initial RNN parameters (biases zero).
+
+    * ``sigmoid``: all weights ``N(0, 0.01^2)``;
+    * ``basic_tanh``: all weights ``N(0, 0.1^2)``;
+    * ``smart_tanh``: ``W_in, W_out ~ N(0, 0.01^2)``; ``W_rec`` sparse with
+      ``SMART_FAN_IN`` normal incoming weights per unit, rescaled to spectral radius
+      ``SMART_RADIUS`` (Sutskever et al. 2013; Pascanu et al. 2013, section 4).
+    """
+    k_in, k_rec, k_out, k_mask = jax.random.split(key, 4)
+    std = {"sigmoid": 0.01, "basic_tanh": 0.1, "smart_tanh": 0.01}[init]
+    w_in = std * jax.random.normal(k_in, (n_in, n_hidden))
+    w_out = std * jax.random.normal(k_out, (n_hidden, n_out))
+    if init == "smart_tanh":
+        fan_in = min(SMART_FAN_IN, n_hidden)
+        # For each receiving unit (a column), pick fan_in distinct senders (rows).
+        scores = jax.random.uniform(k_mask, (n_hidden, n_hidden))
+        ranks = jnp.argsort(jnp.argsort(scores, axis=0), axis=0)
+        w_rec = jax.random.normal(k_rec, (n_hidden, n_hidden)) * (ranks < fan_in)
+        w_rec = w_rec * (SMART_RADIUS / spectral_radius(w_rec))
+    else:
+        w_rec = std * jax.random.normal(k_rec, (n_hidden, n_hidden))
+    return {
+        "W_in": w_in,
+        "W_rec": w_rec,
+        "b": jnp.zeros((n_hidden,)),
+        "W_out": w_out,
+        "b_out": jnp.zeros((n_out,)),
+    }
+
+
+def rnn_transition(
+    params: dict, state: Array, inputs: Array, activation, leak: float
+) -> Array:
+    """``x_{k+1} = F(x_k, u_{k+1})`` for the vanilla (leak 0) or leaky recurrence."""
+    drive = inputs @ params["W_in"] + params["b"]
+    if leak == 0.0:
+        return activation(state) @ params["W_rec"] + drive
+    return leak * state + (1.0 - leak) * activation(state @ params["W_rec"] + drive)
+
+
+def rnn_apply(
+    params: dict,
+    inputs: Array,
+    activation,
+    leak: float = 0.0,
+    state_offset: Array | None = None,
+) -> tuple[Array, Array]:
+    """Run the RNN over time-major ``inputs [T, B, n_in]``.
+
+    Returns ``(outputs [T, B, n_out], states [T, B, H])``; ``state_offset`` (same shape
+    as
+    the states) is added to each ``x_t`` as it is computed.
+    """
+    n_steps, batch = inputs.shape[:2]
+    n_hidden = params["W_rec"].shape[0]
+    if state_offset is None:
+        state_offset = jnp.zeros((n_steps, batch, n_hidden), inputs.dtype)
+    drive = inputs @ params["W_in"] + params["b"]  # one matmul for all steps
+
+    def step(carry, xs):
+        drive_t, offset_t = xs
+        if leak == 0.0:
+            x = carry @ params["W_rec"] + drive_t + offset_t
+            return activation(x), x
+        x = leak * carry + (1.0 - leak) * activation(carry @ params["W_rec"] + drive_t)
+        x = x + offset_t
+        return x, x
+
+    carry0 = jnp.zeros((batch, n_hidden), drive.dtype)
+    _, states = jax.lax.scan(step, carry0, (drive, state_offset))
+    readout = activation(states) if leak == 0.0 else states
+    outputs = readout @ params["W_out"] + params["b_out"]
+    return outputs, states
