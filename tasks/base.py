@@ -11,8 +11,7 @@ A task separates the pieces that second-order methods and curvature probes need:
 
 The ``state_offset`` argument of ``apply`` is added to the hidden states ``x_t`` as they
 are computed, so that ``d loss / d state_offset = d loss / d x_t``: one backward pass
-gives
-the parameter gradient and the state gradients ``dE/dx_t`` used by Omega
+gives the parameter gradient and the state gradients ``dE/dx_t`` used by Omega
 (Pascanu et al. 2013, eq. 9).
 """
 
@@ -38,8 +37,7 @@ class Batch(NamedTuple):
       targets: ``[T, B, n_out]`` for regression, ``[T, B]`` class indices otherwise.
       mask: ``[T, B]``; 1 where the step is scored, 0 elsewhere (padding included).
       lengths: ``[B]`` actual sequence lengths (padding and masking make variable
-      lengths
-        one compiled program).
+        lengths one compiled program).
     """
 
     inputs: Array
@@ -79,8 +77,7 @@ class Task(abc.ABC):
     ) -> tuple[Array, Array]:
         """Outputs ``[T, B, n_out]`` and hidden states ``[T, B, H]``."""
 
-    # -- optional recurrent structure
-    # ---------------------------------------------------
+    # Optional recurrent structure.
     def transition(self, params: Params, state: Array, inputs: Array) -> Array:
         """One step of the recurrence, ``x_{k+1} = F(x_k, u_{k+1})`` (for Omega)."""
         raise NotImplementedError(f"task {self.name!r} has no recurrent transition")
@@ -93,8 +90,7 @@ class Task(abc.ABC):
         """The recurrent weight matrix (for the spectral radius), or None."""
         return None
 
-    # -- derived quantities
-    # --------------------------------------------------------------
+    # Derived quantities.
     def loss_from_outputs(self, outputs: Array, batch: Batch) -> Array:
         """Mean output loss over the scored steps of the batch."""
         return masked_mean(self.output_loss.value(outputs, batch.targets), batch.mask)

@@ -5,8 +5,7 @@ Each generator is ``gen(key, n_steps, batch_size, length) -> Batch``: ``n_steps`
 static padded length, ``length`` a traced integer scalar (the minibatch's length), so a
 variable length is one compiled program. Positions are 0-based; ``[a, b)`` windows use
 ``floor`` of the fractions, widened to one position when they would be empty. Steps at
-and
-beyond a sequence's length hold zero inputs and are never scored.
+and beyond a sequence's length hold zero inputs and are never scored.
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ def temporal_order(
     """Temporal order: classify the order of ``n_bits`` relevant symbols (A or B).
 
     Relevant symbol ``i`` sits in window ``TEMPORAL_WINDOWS[n_bits][i]`` of the
-    sequence;
-    all other steps are distractors 2..5. Target class ``sum_i v_i 2^i`` at the last
-    step.
+    sequence; all other steps are distractors 2..5. Target class ``sum_i v_i 2^i`` at
+    the last step.
     """
     k_dis, k_bits, *k_pos = jax.random.split(key, 2 + n_bits)
     t = jnp.arange(n_steps)[:, None]
@@ -149,8 +147,7 @@ def memorization(
     Input symbols: values ``0..n_values-1``, blank ``n_values``, go ``n_values + 1``.
     Steps ``[0, n_pos)`` show the pattern, ``[n_pos, n_pos + length)`` are blank, step
     ``n_pos + length`` is "go", the next ``n_pos`` steps are blank inputs during which
-    the
-    targets are the pattern; every other target is "blank". Every step is scored.
+    the targets are the pattern; every other target is "blank". Every step is scored.
     """
     blank, go = n_values, n_values + 1
     total = length + 2 * n_pos + 1

@@ -1,19 +1,16 @@
 """Output losses: convex functions of the network outputs (the Gauss-Newton split).
 
-Every task's objective is ``L(theta) = sum_t m_t l(f_t(theta), y_t) / sum_t m_t`` where
-``f_t`` are the network outputs, ``m_t`` the mask and ``l`` one of the losses below.
-Each
-loss is convex in the outputs, so the generalized Gauss-Newton matrix
-``G = J^T H_L J`` (Schraudolph 2002; Martens 2010) is positive semi-definite. Each loss
-also knows
+Every task's objective is ``L(theta) = sum_t m_t l(f_t(theta), y_t) / sum_t m_t``
+where ``f_t`` are the network outputs, ``m_t`` the mask and ``l`` one of the losses
+below. Each loss is convex in the outputs, so the generalized Gauss-Newton matrix
+``G = J^T H_L J`` (Schraudolph 2002; Martens 2010) is positive semi-definite. Each
+loss also knows
 
-* ``hessian_vp(outputs, v)``: ``H_L v`` with ``H_L`` the Hessian of ``l`` with respect
-to
-  one step's outputs (closed form),
+* ``hessian_vp(outputs, v)``: ``H_L v``, with ``H_L`` the Hessian of ``l`` with
+  respect to one step's outputs (closed form);
 * ``sample_targets(key, outputs)``: targets drawn from the model's predictive
-  distribution ``p(y | f)`` whose negative log-likelihood is ``l`` (up to a constant),
-  so
-  that ``E[grad grad^T] = H_L`` (used by Monte-Carlo Gauss-Newton and Sophia-G),
+  distribution ``p(y | f)`` whose negative log-likelihood is ``l`` (up to a
+  constant), so that ``E[grad grad^T] = H_L`` (Monte-Carlo Gauss-Newton, Sophia-G);
 * ``is_wrong(outputs, targets)``: the per-step error test of Pascanu et al. (2013).
 """
 

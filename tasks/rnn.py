@@ -107,8 +107,7 @@ def rnn_apply(
     """Run the RNN over time-major ``inputs [T, B, n_in]``.
 
     Returns ``(outputs [T, B, n_out], states [T, B, H])``; ``state_offset`` (same shape
-    as
-    the states) is added to each ``x_t`` as it is computed.
+    as the states) is added to each ``x_t`` as it is computed.
     """
     n_steps, batch = inputs.shape[:2]
     n_hidden = params["W_rec"].shape[0]

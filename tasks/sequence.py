@@ -216,8 +216,7 @@ def memorization(
 
     ``length`` counts the blank steps between the pattern and the "go" marker; the
     sequence has ``length + 2 n_pos + 1`` steps, softmax over ``n_values + 1`` classes
-    at
-    every step.
+    at every step.
     """
     return _memorization_task("memorization", dict(locals()))
 

@@ -48,8 +48,7 @@ class WallTask(Task):
     """Single-unit wall model as a task: parameters ``{"w": [1, 1], "b": [1]}``.
 
     The batch is trivial (one sequence, no inputs, target 0.7 at the last step); the
-    task
-    counts as solved when ``E`` falls below ``tolerance``.
+    task counts as solved when ``E`` falls below ``tolerance``.
     """
 
     name = "wall"
