@@ -1,0 +1,88 @@
+"""The optimizer registry: a plain dict from name to factory, plus import paths.
+
+A name that is not registered but contains a dot is imported: ``optax.adam`` or
+``my_package.my_module:my_factory`` (a factory, or a ready ``GradientTransformation``).
+Hyperparameters are checked against the factory's signature before anything compiles.
+
+Hyperparameters annotated as plain ``float`` are *traced*: the runner passes them as
+arguments of the compiled program, so sweeping a learning rate or a threshold reuses one
+compilation. Such factories must not branch on those values in Python. Every other
+hyperparameter (and every hyperparameter of an imported factory without ``float``
+annotations) is static and part of the compilation key.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from optimizers import first_order
+from tasks.hparams import ConfigError, check_hparams, declared_hparams
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": first_order.sgd,
+    "sgd_clip": first_order.sgd_clip,
+    "sgd_cr": first_order.sgd_cr,
+}
+
+
+def register_optimizer(name: str, factory: Callable, overwrite: bool = False):
+    """Register a user factory (returning an optax transformation) under ``name``."""
+    if name in OPTIMIZERS and not overwrite:
+        raise ConfigError(f"optimizer {name!r} is already registered")
+    OPTIMIZERS[name] = factory
+    return factory
+
+
+def _import(path: str) -> Any:
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"optimizer {path!r} cannot be imported: {err}") from None
+
+
+def resolve_optimizer(name: str) -> Callable[..., optax.GradientTransformation]:
+    """The factory registered as ``name``, or imported from the path ``name``."""
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    if "." not in name and ":" not in name:
+        valid = ", ".join(sorted(OPTIMIZERS))
+        raise ConfigError(
+            f"unknown optimizer {name!r}; valid: {valid} (or an import path such as "
+            "optax.adam)"
+        )
+    obj = _import(name)
+    if isinstance(obj, optax.GradientTransformation):
+        return lambda: obj
+    if not callable(obj):
+        raise ConfigError(
+            f"optimizer {name!r} is neither a factory nor a transformation"
+        )
+    return obj
+
+
+def check_optimizer(name: str, hparams: dict) -> dict:
+    """Validate ``hparams`` for optimizer ``name``; return all of them with defaults."""
+    return check_hparams("optimizer", name, resolve_optimizer(name), hparams)
+
+
+def traced_names(name: str) -> tuple[str, ...]:
+    """The hyperparameters of ``name`` that are passed as traced scalars."""
+    declared = declared_hparams(resolve_optimizer(name))
+    return tuple(
+        n for n, hp in declared.items() if hp.kind is float and not hp.optional
+    )
+
+
+def make_optimizer(name: str, **hparams) -> optax.GradientTransformationExtraArgs:
+    """Build optimizer ``name`` (validated), with extra-argument support."""
+    factory = resolve_optimizer(name)
+    kwargs = check_hparams("optimizer", name, factory, hparams)
+    return optax.with_extra_args_support(factory(**kwargs))
