@@ -1,0 +1,177 @@
+"""The ``curvbench`` command line.
+
+    curvbench tasks | optimizers            list names, hyperparameters and defaults
+    curvbench run --task T --optimizer O    train one configuration over seeds
+    curvbench compare FILE.toml             run a comparison grid, print its table
+    curvbench show DIR                      print the comparison table of a results dir
+
+Bad input (unknown names, misspelled or out-of-range hyperparameters, malformed TOML)
+prints one line naming the field and the valid choices and exits with status 2, before
+anything is compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tasks.hparams import ConfigError, declared_hparams
+
+
+def _list(registry: dict) -> str:
+    lines = []
+    for name, factory in sorted(registry.items()):
+        doc = (factory.__doc__ or "").strip().splitlines()
+        lines.append(f"{name}: {doc[0] if doc else ''}")
+        for hp in declared_hparams(factory).values():
+            lines.append(f"    {hp.name} = {hp.default!r}  ({hp.type_name()})")
+    return "\n".join(lines)
+
+
+def _cmd_tasks(args) -> int:
+    from tasks.registry import TASKS
+
+    print(_list(TASKS))
+    return 0
+
+
+def _cmd_optimizers(args) -> int:
+    from optimizers.registry import OPTIMIZERS
+
+    print(_list(OPTIMIZERS))
+    print("\nAny optax factory by import path, e.g. --optimizer optax.adam")
+    return 0
+
+
+def _run_args(args) -> dict:
+    out = {}
+    for name in ("steps", "eval_every", "eval_size", "curvature_batch_size"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    if getattr(args, "seeds", None) is not None:
+        out["seeds"] = args.seeds
+    return out
+
+
+def _cmd_run(args) -> int:
+    from runner.config import parse_assignments, parse_comparison
+    from runner.table import show
+
+    task_hp = parse_assignments(args.task_param, "--task-param")
+    opt_hp = parse_assignments(args.opt_param, "--opt-param")
+    entry_opt = {"name": args.optimizer, **opt_hp}
+    if args.label:
+        entry_opt["label"] = args.label
+    data = {"task": [{"name": args.task, **task_hp}], "optimizer": [entry_opt]}
+    comparison = parse_comparison(data, f"run-{args.task}-{args.optimizer}")
+    out = _compare(comparison, args.out, _run_args(args), args)
+    print(show(out))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def _compare(comparison, out, overrides, args) -> Path:
+    from runner.compare import compare, default_out
+
+    out = Path(out or comparison.out or default_out(comparison.name))
+    compare(comparison, out, overrides, progress=None if not args.quiet else False)
+    return out
+
+
+def _cmd_compare(args) -> int:
+    from runner.config import read_comparison
+    from runner.table import show
+
+    comparison = read_comparison(args.file)
+    out = _compare(comparison, args.out, _run_args(args), args)
+    print(show(out, markdown=args.markdown))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from runner.table import show
+
+    if not Path(args.dir).exists():
+        raise ConfigError(f"results directory {args.dir!r} does not exist")
+    print(show(args.dir, markdown=args.markdown))
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curvbench",
+        description="Compare optimizers on RNNs with exploding gradients.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("tasks", help="list tasks and their hyperparameters")
+    sub.add_parser("optimizers", help="list optimizers and their hyperparameters")
+
+    def run_options(p, defaults: bool):
+        p.add_argument("--seeds", type=_positive, help="number of seeds")
+        p.add_argument("--steps", type=_positive, help="maximum updates per seed")
+        p.add_argument("--eval-every", type=_positive, help="steps between evaluations")
+        p.add_argument("--eval-size", type=_positive, help="sequences per evaluation")
+        p.add_argument("--curvature-batch-size", type=_positive)
+        p.add_argument("--out", help="results directory (default: results/<name>)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    run = sub.add_parser("run", help="train one task/optimizer over several seeds")
+    run.add_argument("--task", required=True)
+    run.add_argument("--optimizer", required=True)
+    run.add_argument("--label", help="the optimizer's name in the table")
+    run.add_argument(
+        "--task-param", "-t", action="append", metavar="NAME=VALUE", help="repeatable"
+    )
+    run.add_argument(
+        "--opt-param", "-o", action="append", metavar="NAME=VALUE", help="repeatable"
+    )
+    run_options(run, True)
+
+    cmp = sub.add_parser("compare", help="run a comparison TOML file")
+    cmp.add_argument("file")
+    cmp.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    run_options(cmp, False)
+
+    show = sub.add_parser("show", help="print the comparison table of a results dir")
+    show.add_argument("dir")
+    show.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    return parser
+
+
+COMMANDS = {
+    "tasks": _cmd_tasks,
+    "optimizers": _cmd_optimizers,
+    "run": _cmd_run,
+    "compare": _cmd_compare,
+    "show": _cmd_show,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``curvbench`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"curvbench: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"curvbench: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

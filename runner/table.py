@@ -1,0 +1,95 @@
+"""The comparison table: success rate, steps, gradient evaluations and seconds to solve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from runner import store
+
+#: Configuration columns that never define a group on their own.
+_NOT_KEYS = {"run_id", "optimizer_name", "optimizer", "task", "batch_size"}
+
+
+def group_columns(summary: pd.DataFrame) -> list[str]:
+    """Task, the task settings that vary across runs, and the optimizer label."""
+    config = [c for c in summary.columns if c not in _SUMMARY_FIELDS]
+    varying = [
+        c
+        for c in config
+        if c not in _NOT_KEYS
+        and not c.startswith("opt_")
+        and summary[c].astype(str).nunique() > 1
+    ]
+    fixed_first = [c for c in ("length", "init") if c in varying]
+    rest = [c for c in varying if c not in fixed_first]
+    return ["task", *fixed_first, *rest, "optimizer"]
+
+
+_SUMMARY_FIELDS = {
+    "seed",
+    "updates",
+    "status",
+    "steps_to_solve",
+    "seconds_to_solve",
+    "grad_evals_to_solve",
+    "diverged_step",
+    "final_eval_error",
+    "run_seconds",
+}
+
+
+def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate per-seed outcomes into one row per configuration.
+
+    Columns: seeds, solved, success rate, median updates / gradient evaluations /
+    seconds to solve (over solved seeds), diverged seeds, run seconds.
+    """
+    if summary.empty:
+        return pd.DataFrame()
+    keys = group_columns(summary)
+    summary = summary.copy()
+    for col in ("steps_to_solve", "seconds_to_solve", "grad_evals_to_solve"):
+        summary[col] = pd.to_numeric(summary[col], errors="coerce")
+    grouped = summary.groupby(keys, sort=False, dropna=False)
+    table = pd.DataFrame(
+        {
+            "seeds": grouped.size(),
+            "solved": grouped["status"].agg(lambda s: int((s == "solved").sum())),
+            "success_rate": grouped["status"].agg(
+                lambda s: float((s == "solved").mean())
+            ),
+            "median_steps": grouped["steps_to_solve"].median(),
+            "median_grad_evals": grouped["grad_evals_to_solve"].median(),
+            "median_seconds": grouped["seconds_to_solve"].median(),
+            "diverged": grouped["status"].agg(lambda s: int((s == "diverged").sum())),
+            "run_seconds": grouped["run_seconds"].max(),
+        }
+    )
+    return table.reset_index()
+
+
+def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
+    """Plain text or Markdown (medians over solved seeds; '-' when none solved)."""
+    if table.empty:
+        return "(no runs)"
+    shown = table.copy()
+    shown["success_rate"] = shown["success_rate"].map(lambda x: f"{x:.0%}")
+    for col, fmt in (
+        ("median_steps", "{:.0f}"),
+        ("median_grad_evals", "{:.0f}"),
+        ("median_seconds", "{:.1f}"),
+        ("run_seconds", "{:.1f}"),
+    ):
+        shown[col] = shown[col].map(lambda x, f=fmt: "-" if pd.isna(x) else f.format(x))
+    if not markdown:
+        return shown.to_string(index=False)
+    rows = [list(shown.columns), ["---"] * len(shown.columns)]
+    rows += [[str(v) for v in row] for row in shown.itertuples(index=False)]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
+
+
+def show(path: str | Path, markdown: bool = False) -> str:
+    """The formatted comparison table of a results directory."""
+    return format_table(comparison_table(store.load_summary(path)), markdown)

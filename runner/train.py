@@ -1,0 +1,194 @@
+"""The training loop: jit-compiled ``lax.scan`` chunks, all seeds vmapped.
+
+One configuration (task, optimizer, hyperparameters) runs every seed in one compiled
+program. The traced hyperparameters (see :func:`optimizers.traced_names`) are arguments
+of that program, so a learning-rate or threshold sweep compiles once. Every
+``eval_every`` steps the chunk ends with an evaluation on fresh sequences; seeds whose
+error rate is below the task's threshold get the full success test (10,000 fresh
+sequences, in chunks). A solved seed stops updating (its steps-to-solve is recorded); a
+seed whose loss becomes non-finite is marked diverged at that step. Neither stops the
+other seeds, and nothing raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optimizers.base import (
+    Objective,
+    collect_records,
+    collect_work,
+    loss_grads_and_states,
+)
+from tasks.base import Task
+
+Array = jax.Array
+SUCCESS_CHUNK = 1000  # sequences per forward pass in the success test
+
+
+class SeedState(NamedTuple):
+    """Per-seed training state (vmapped over seeds)."""
+
+    params: Any
+    opt_state: Any
+    key: Array
+    t: Array  # global step index (counts every step of the run)
+    updates: Array  # updates applied to this seed
+    grad_evals: Array  # gradients computed by the runner for this seed
+    active: Array  # neither solved nor diverged
+    diverged_step: Array  # -1 or the update at which the loss became non-finite
+
+
+class Program(NamedTuple):
+    """The compiled pieces of one configuration."""
+
+    init: Callable  # (seed_keys, hparams) -> SeedState
+    chunk: Callable  # (state, hparams, eval_key, step_limit) -> (state, summary, trace)
+    success: Callable  # (params, key) -> error rate on success_sequences
+
+
+def _select(flag: Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+def build_program(
+    task: Task,
+    build_optimizer: Callable[[dict], optax.GradientTransformationExtraArgs],
+    chunk_steps: int,
+    eval_size: int,
+    curvature_batch_size: int | None,
+) -> Program:
+    """Trace and jit (not yet compile) the init, chunk and success functions."""
+
+    def init_one(key, hparams):
+        k_init, k_train = jax.random.split(key)
+        params = task.init(k_init)
+        opt_state = build_optimizer(hparams).init(params)
+        zero = jnp.zeros((), jnp.int32)
+        return SeedState(
+            params, opt_state, k_train, zero, zero, zero, jnp.array(True), zero - 1
+        )
+
+    def train_step(state: SeedState, hparams, step_limit):
+        key, k_batch, k_curv, k_opt = jax.random.split(state.key, 4)
+        batch = task.sample_batch(k_batch)
+        curv = task.sample_batch(k_curv, curvature_batch_size)
+        loss, grads, states, state_grads = loss_grads_and_states(
+            task, state.params, batch
+        )
+        objective = Objective(task, batch, curv, loss, grads, states, state_grads)
+        opt = build_optimizer(hparams)
+        updates, opt_state = opt.update(
+            grads, state.opt_state, state.params, objective=objective, key=k_opt
+        )
+        params = optax.apply_updates(state.params, updates)
+        live = state.active & (state.t < step_limit)
+        finite = jnp.isfinite(loss)
+        apply = live & finite
+        diverged = live & ~finite
+        new_state = SeedState(
+            params=_select(apply, params, state.params),
+            opt_state=_select(apply, opt_state, state.opt_state),
+            key=key,
+            t=state.t + 1,
+            updates=state.updates + apply,
+            grad_evals=state.grad_evals + live,
+            active=state.active & ~diverged,
+            diverged_step=jnp.where(diverged, state.updates, state.diverged_step),
+        )
+        trace = {
+            "live": live,
+            "loss": loss,
+            "grad_norm": optax.tree_utils.tree_norm(grads),
+            **collect_records(opt_state),
+        }
+        return new_state, trace
+
+    def chunk_one(state: SeedState, hparams, eval_key, step_limit):
+        state, trace = jax.lax.scan(
+            lambda s, _: train_step(s, hparams, step_limit), state, None, chunk_steps
+        )
+        live = trace["live"]
+        n_live = jnp.maximum(jnp.sum(live), 1)
+
+        def live_mean(x):
+            return jnp.sum(jnp.where(live, x.astype(jnp.float32), 0.0)) / n_live
+
+        summary = {
+            "steps_live": jnp.sum(live),
+            "loss": live_mean(trace["loss"]),
+            "grad_norm_mean": live_mean(trace["grad_norm"]),
+            "grad_norm_max": jnp.max(jnp.where(live, trace["grad_norm"], -jnp.inf)),
+        }
+        for name, values in trace.items():
+            if name in ("live", "loss", "grad_norm"):
+                continue
+            suffix = "_rate" if values.dtype == jnp.bool_ else "_mean"
+            summary[name + suffix] = live_mean(values)
+        eval_batch = task.sample_batch(eval_key, eval_size)
+        metrics = task.metrics(state.params, eval_batch)
+        summary["eval_loss"] = metrics["loss"]
+        summary["eval_error"] = metrics["error_rate"]
+        work = collect_work(state.opt_state)
+        summary["grad_evals"] = state.grad_evals + work.grad_evals
+        summary["fun_evals"] = work.fun_evals
+        summary["curvature_products"] = work.curvature_products
+        return state, summary, trace
+
+    def init_all(seed_keys, hparams):
+        return jax.vmap(init_one, in_axes=(0, None))(seed_keys, hparams)
+
+    def chunk_all(state, hparams, eval_keys, step_limit):
+        return jax.vmap(chunk_one, in_axes=(0, None, 0, None))(
+            state, hparams, eval_keys, step_limit
+        )
+
+    def success_one(params, key):
+        n_chunks = -(-task.success_sequences // SUCCESS_CHUNK)
+        size = min(SUCCESS_CHUNK, task.success_sequences)
+
+        def body(k):
+            return task.metrics(params, task.sample_batch(k, size))["error_rate"]
+
+        return jnp.mean(jax.lax.map(body, jax.random.split(key, n_chunks)))
+
+    return Program(
+        init=jax.jit(init_all),
+        chunk=jax.jit(chunk_all, donate_argnums=0),
+        success=jax.jit(success_one),
+    )
+
+
+def spectral_radii(task: Task, params: Any) -> np.ndarray:
+    """Spectral radius of each seed's recurrent matrix (NaN without one)."""
+    matrix = task.recurrent_matrix(params)
+    if matrix is None:
+        return np.full(jax.tree.leaves(params)[0].shape[0], np.nan)
+    matrix = np.asarray(matrix, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(matrix).all(axis=(-2, -1))
+        safe = np.where(finite[:, None, None], matrix, 0.0)
+        radii = np.abs(np.linalg.eigvals(safe)).max(axis=-1)
+    return np.where(finite, radii, np.nan)
+
+
+def seed_keys(seeds: list[int]) -> tuple[Array, Array]:
+    """Training keys and evaluation keys for each seed (independent streams)."""
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    train = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+    evals = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    return train, evals
+
+
+def timed(fn: Callable, *args) -> tuple[Any, float]:
+    """``fn(*args)`` after blocking on the result, with the wall time it took."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start
