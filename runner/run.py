@@ -217,12 +217,12 @@ def run(
         seconds += dt
         for i in newly:
             solved_at[i] = (int(state.updates[i]), seconds)
+        step = (chunk + 1) * eval_every
         records += _chunk_rows(
-            seed_list, summary, radii, state, was_active, newly, (chunk + 1) * eval_every,
-            seconds,
-        )  # fmt: skip
-        if checkpoint_every and ((chunk + 1) * eval_every) % checkpoint_every == 0:
-            _save_checkpoint(out_dir, config, state.params, (chunk + 1) * eval_every)
+            seed_list, summary, radii, state, was_active, newly, step, seconds
+        )
+        if checkpoint_every and step % checkpoint_every == 0:
+            _save_checkpoint(out_dir, config, state.params, step)
         if progress is not None:
             _report(progress, eval_every, summary, was_active, len(solved_at))
         if not np.asarray(state.active).any():

@@ -1,4 +1,4 @@
-"""The comparison table: success rate, steps, gradient evaluations and seconds to solve."""
+"""The comparison table: success rate and steps, gradients and seconds to solve."""
 
 from __future__ import annotations
 
