@@ -77,7 +77,8 @@ def clip_gradients(
             limit = jnp.asarray(threshold, jnp.float32)
         if method == "global":
             fired = norm >= limit
-            scale = jnp.where(fired, limit / norm, 1.0)
+            # An all-zero gradient at a zero adaptive limit stays zero (not 0/0).
+            scale = jnp.where(fired, limit / jnp.where(norm > 0, norm, 1.0), 1.0)
             updates = jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates)
         else:
             fired = jnp.any(

@@ -44,7 +44,7 @@ def _import(path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, ValueError, TypeError) as err:
         raise ConfigError(f"optimizer {path!r} cannot be imported: {err}") from None
 
 
