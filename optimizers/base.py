@@ -65,7 +65,6 @@ def loss_grads_and_states(task: Task, params, batch: Batch):
     The zero ``state_offset`` added to every state makes its gradient equal ``dE/dx_t``
     (Pascanu et al. 2013, the ``dE/dx_{k+1}`` of the regularizer Omega).
     """
-    n_steps, size = batch.inputs.shape[:2]
     _, states0 = jax.eval_shape(task.apply, params, batch.inputs)
     offset = jnp.zeros(states0.shape, states0.dtype)
 
@@ -76,7 +75,6 @@ def loss_grads_and_states(task: Task, params, batch: Batch):
     (loss, states), (grads, state_grads) = jax.value_and_grad(
         objective, argnums=(0, 1), has_aux=True
     )(params, offset)
-    del n_steps, size
     return loss, grads, states, state_grads
 
 

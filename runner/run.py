@@ -217,7 +217,7 @@ def run(
         seconds += dt
         for i in newly:
             solved_at[i] = (int(state.updates[i]), seconds)
-        step = (chunk + 1) * eval_every
+        step = min((chunk + 1) * eval_every, steps)
         records += _chunk_rows(
             seed_list, summary, radii, state, was_active, newly, step, seconds
         )

@@ -52,7 +52,7 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
     summary = summary.copy()
     for col in ("steps_to_solve", "seconds_to_solve", "grad_evals_to_solve"):
         summary[col] = pd.to_numeric(summary[col], errors="coerce")
-    grouped = summary.groupby(keys, sort=False, dropna=False)
+    grouped = summary.groupby(keys, sort=True, dropna=False)
     table = pd.DataFrame(
         {
             "seeds": grouped.size(),
