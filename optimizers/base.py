@@ -97,6 +97,30 @@ class WorkCount(NamedTuple):
         return cls(z, z, z)
 
 
+#: Cost of one loss evaluation (a forward pass), in gradients on the same batch.
+FUN_EVAL_COST = 0.5
+#: Cost of one curvature-vector product (one forward-mode and one reverse-mode pass,
+#: Pearlmutter 1994; Schraudolph 2002), in gradients on the same batch.
+CURVATURE_PRODUCT_COST = 1.0
+
+
+def gradient_equivalents(
+    grad_evals, fun_evals, curvature_products, batch_size, curvature_batch_size
+):
+    """Work in gradients on the gradient batch.
+
+    ``grad_evals + FUN_EVAL_COST * fun_evals + CURVATURE_PRODUCT_COST *
+    curvature_products * curvature_batch_size / batch_size``. The weights are nominal;
+    ``benchmarks/`` measures the real ratios.
+    """
+    ratio = curvature_batch_size / batch_size
+    return (
+        grad_evals
+        + FUN_EVAL_COST * fun_evals
+        + CURVATURE_PRODUCT_COST * curvature_products * ratio
+    )
+
+
 def _find(state: Any, kind: type) -> list:
     leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, kind))
     return [leaf for leaf in leaves if isinstance(leaf, kind)]

@@ -20,12 +20,14 @@ from typing import Any
 import optax
 
 from optimizers import first_order
+from optimizers.hessian_free import hessian_free
 from tasks.hparams import ConfigError, check_hparams, declared_hparams
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": first_order.sgd,
     "sgd_clip": first_order.sgd_clip,
     "sgd_cr": first_order.sgd_cr,
+    "hf": hessian_free,
 }
 
 

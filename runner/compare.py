@@ -30,19 +30,20 @@ def compare(
     Args:
       comparison: a validated comparison (see :func:`runner.config.read_comparison`).
       out: results directory (default: the file's ``out`` or ``results/<name>``).
-      overrides: run arguments that replace the file's (e.g. ``steps`` for a smoke
-        test).
+      overrides: run arguments that replace the file's and the optimizers' own
+        (e.g. ``steps`` for a smoke test).
       progress: show progress bars (None: only on a terminal).
     """
     out = Path(out or comparison.out or default_out(comparison.name))
-    run_args = {**comparison.run_args, **(overrides or {})}
+    run_args = comparison.run_args
     results = []
     disable = None if progress is None else not progress
     runs = tqdm(comparison.runs, desc=comparison.name, unit="run", disable=disable)
     for spec in runs:
         runs.set_postfix_str(f"{spec.task} {spec.label}")
+        args = {**run_args, **(spec.run_args or {}), **(overrides or {})}
         with tqdm(
-            total=run_args.get("steps", 1000),
+            total=args.get("steps", 1000),
             desc=f"{spec.task} {spec.task_hparams.get('length', '')} {spec.label}",
             unit="step",
             leave=False,
@@ -58,7 +59,7 @@ def compare(
                     out=out,
                     progress=bar,
                     skip_existing=True,
-                    **run_args,
+                    **args,
                 )
             )
     return results

@@ -22,6 +22,13 @@ Example::
     label = "SGD-C"
     grid = { learning_rate = [0.01, 0.03] }
 
+    [[optimizer]]
+    name = "hf"
+    label = "HF"
+    steps = 300                          # run arguments of this optimizer only
+    curvature_batch_size = 50
+    task = { batch_size = 200 }          # task overrides of this optimizer only
+
 Every entry is validated (names, hyperparameters, ranges) when the file is read, before
 anything is compiled or run.
 """
@@ -57,6 +64,7 @@ class RunSpec(NamedTuple):
     optimizer: str
     opt_hparams: dict
     label: str
+    run_args: dict | None = None  # this optimizer's run arguments (override the file's)
 
 
 class Comparison(NamedTuple):
@@ -68,11 +76,15 @@ class Comparison(NamedTuple):
     out: str | None
 
 
-def _grid(entry: dict, where: str) -> list[dict]:
+#: Keys of an [[optimizer]] table that are not optimizer hyperparameters.
+OPTIMIZER_KEYS = ("name", "label", "grid", "task", *RUN_KEYS)
+
+
+def _grid(entry: dict, where: str, reserved=("name", "label", "grid")) -> list[dict]:
     grid = entry.get("grid", {})
     if not isinstance(grid, dict):
         raise ConfigError(f"{where}: 'grid' must be a table of lists")
-    fixed = {k: v for k, v in entry.items() if k not in ("name", "label", "grid")}
+    fixed = {k: v for k, v in entry.items() if k not in reserved}
     names = list(grid)
     values = []
     for key in names:
@@ -112,17 +124,7 @@ def parse_comparison(data: dict, default_name: str = "comparison") -> Comparison
         raise ConfigError(
             f"unknown comparison field {unknown[0]!r}; valid: {', '.join(TOP_KEYS)}"
         )
-    run_args = {}
-    for key, kind in RUN_KEYS.items():
-        if key in data:
-            value = data[key]
-            if isinstance(value, bool) and kind is not bool:
-                raise ConfigError(f"comparison field {key!r} must be {kind}")
-            if not isinstance(value, kind):
-                raise ConfigError(
-                    f"comparison field {key!r} = {value!r} has wrong type"
-                )
-            run_args[key] = value
+    run_args = _run_args(data, "comparison field")
     tasks = []
     for entry in _entries(data, "task"):
         for hparams in _grid(entry, f"task {entry['name']!r}"):
@@ -130,20 +132,43 @@ def parse_comparison(data: dict, default_name: str = "comparison") -> Comparison
             tasks.append((entry["name"], hparams))
     optimizers = []
     for entry in _entries(data, "optimizer"):
-        for hparams in _grid(entry, f"optimizer {entry['name']!r}"):
+        where = f"optimizer {entry['name']!r}"
+        own_args = _run_args(entry, f"{where} field")
+        overrides = entry.get("task", {})
+        if not isinstance(overrides, dict):
+            raise ConfigError(
+                f"{where}: 'task' must be a table of task hyperparameters"
+            )
+        for hparams in _grid(entry, where, OPTIMIZER_KEYS):
             check_optimizer(entry["name"], hparams)
-            optimizers.append((entry["name"], hparams, _label(entry, hparams)))
-    labels = [label for *_, label in optimizers]
+            label = _label(entry, hparams)
+            optimizers.append((entry["name"], hparams, label, own_args, overrides))
+    labels = [opt[2] for opt in optimizers]
     duplicate = next((x for x in labels if labels.count(x) > 1), None)
     if duplicate:
         raise ConfigError(f"two optimizers share the label {duplicate!r}; set 'label'")
-    runs = [
-        RunSpec(t_name, t_hp, o_name, o_hp, label)
-        for (t_name, t_hp), (o_name, o_hp, label) in itertools.product(
-            tasks, optimizers
-        )
-    ]
+    runs = []
+    for (t_name, t_hp), (o_name, o_hp, label, args, over) in itertools.product(
+        tasks, optimizers
+    ):
+        t_hp = {**t_hp, **over}
+        if over:
+            make_task(t_name, **t_hp)  # validates the overrides
+        runs.append(RunSpec(t_name, t_hp, o_name, o_hp, label, args))
     return Comparison(data.get("name", default_name), runs, run_args, data.get("out"))
+
+
+def _run_args(table: dict, what: str) -> dict:
+    out = {}
+    for key, kind in RUN_KEYS.items():
+        if key in table:
+            value = table[key]
+            if (isinstance(value, bool) and kind is not bool) or not isinstance(
+                value, kind
+            ):
+                raise ConfigError(f"{what} {key!r} = {value!r} has the wrong type")
+            out[key] = value
+    return out
 
 
 def read_comparison(path: str | Path) -> Comparison:

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pandas as pd
 
+from optimizers.base import gradient_equivalents
 from optimizers.registry import check_optimizer, resolve_optimizer, traced_names
 from runner import store
 from runner.train import Program, build_program, seed_keys, spectral_radii, timed
@@ -218,9 +219,15 @@ def run(
         for i in newly:
             solved_at[i] = (int(state.updates[i]), seconds)
         step = min((chunk + 1) * eval_every, steps)
-        records += _chunk_rows(
+        rows = _chunk_rows(
             seed_list, summary, radii, state, was_active, newly, step, seconds
         )
+        for row in rows:
+            row["grad_equivalents"] = gradient_equivalents(
+                row["grad_evals"], row["fun_evals"], row["curvature_products"],
+                task.batch_size, curvature_batch_size or task.batch_size,
+            )  # fmt: skip
+        records += rows
         if checkpoint_every and step % checkpoint_every == 0:
             _save_checkpoint(out_dir, config, state.params, step)
         if progress is not None:
@@ -342,10 +349,12 @@ def _seed_summary(seeds, state, solved_at, records, steps):
             row.update(status="solved", steps_to_solve=solved_at[i][0])
             row["seconds_to_solve"] = solved_at[i][1]
             row["grad_evals_to_solve"] = last[seed]["grad_evals"]
+            row["grad_equivalents_to_solve"] = last[seed]["grad_equivalents"]
         else:
             status = "diverged" if diverged[i] >= 0 else "unsolved"
             row.update(status=status, steps_to_solve=None, seconds_to_solve=None)
             row["grad_evals_to_solve"] = None
+            row["grad_equivalents_to_solve"] = None
         row["diverged_step"] = int(diverged[i]) if diverged[i] >= 0 else None
         row["final_eval_error"] = last[seed]["eval_error"] if seed in last else None
         rows.append(row)

@@ -34,6 +34,7 @@ _SUMMARY_FIELDS = {
     "steps_to_solve",
     "seconds_to_solve",
     "grad_evals_to_solve",
+    "grad_equivalents_to_solve",
     "diverged_step",
     "final_eval_error",
     "run_seconds",
@@ -43,15 +44,19 @@ _SUMMARY_FIELDS = {
 def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Aggregate per-seed outcomes into one row per configuration.
 
-    Columns: seeds, solved, success rate, median updates / gradient evaluations /
+    Columns: seeds, solved, success rate, median updates / gradient-equivalents /
     seconds to solve (over solved seeds), diverged seeds, run seconds.
+    ``median_seq_grads`` is gradient-equivalents times the batch size (work in
+    single-sequence gradients), comparable across optimizers with different batches.
     """
     if summary.empty:
         return pd.DataFrame()
     keys = group_columns(summary)
     summary = summary.copy()
-    for col in ("steps_to_solve", "seconds_to_solve", "grad_evals_to_solve"):
+    for col in ("steps_to_solve", "seconds_to_solve", "grad_equivalents_to_solve"):
         summary[col] = pd.to_numeric(summary[col], errors="coerce")
+    batch = pd.to_numeric(summary.get("batch_size", 1), errors="coerce")
+    summary["sequence_grads"] = summary["grad_equivalents_to_solve"] * batch
     grouped = summary.groupby(keys, sort=True, dropna=False)
     table = pd.DataFrame(
         {
@@ -61,7 +66,8 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
                 lambda s: float((s == "solved").mean())
             ),
             "median_steps": grouped["steps_to_solve"].median(),
-            "median_grad_evals": grouped["grad_evals_to_solve"].median(),
+            "median_grad_equiv": grouped["grad_equivalents_to_solve"].median(),
+            "median_seq_grads": grouped["sequence_grads"].median(),
             "median_seconds": grouped["seconds_to_solve"].median(),
             "diverged": grouped["status"].agg(lambda s: int((s == "diverged").sum())),
             "run_seconds": grouped["run_seconds"].max(),
@@ -78,7 +84,8 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
     shown["success_rate"] = shown["success_rate"].map(lambda x: f"{x:.0%}")
     for col, fmt in (
         ("median_steps", "{:.0f}"),
-        ("median_grad_evals", "{:.0f}"),
+        ("median_grad_equiv", "{:.0f}"),
+        ("median_seq_grads", "{:.3g}"),
         ("median_seconds", "{:.1f}"),
         ("run_seconds", "{:.1f}"),
     ):

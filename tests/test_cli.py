@@ -207,3 +207,39 @@ def test_shipped_experiments_are_valid():
     for file in sorted((ROOT / "experiments").glob("*.toml")):
         comparison = read_comparison(file)
         assert comparison.runs, file
+
+
+def test_optimizer_overrides_task_settings_and_run_arguments():
+    comparison = parse_comparison(
+        {
+            "steps": 100,
+            "task": [{"name": "addition", "length": 10}],
+            "optimizer": [
+                {"name": "sgd_clip", "label": "SGD-C"},
+                {
+                    "name": "hf",
+                    "label": "HF",
+                    "steps": 5,
+                    "curvature_batch_size": 8,
+                    "task": {"batch_size": 64},
+                    "max_cg_iters": 20,
+                },
+            ],
+        }
+    )
+    sgd, hf = comparison.runs
+    assert sgd.task_hparams == {"length": 10} and not sgd.run_args
+    assert hf.task_hparams == {"length": 10, "batch_size": 64}
+    assert hf.run_args == {"steps": 5, "curvature_batch_size": 8}
+    assert hf.opt_hparams == {"max_cg_iters": 20}
+    with pytest.raises(ConfigError, match="'batch_size' = 0 is out of range"):
+        parse_comparison(
+            {
+                "task": [{"name": "addition"}],
+                "optimizer": [{"name": "hf", "task": {"batch_size": 0}}],
+            }
+        )
+    with pytest.raises(ConfigError, match="'steps' = 'x' has the wrong type"):
+        parse_comparison(
+            {"task": [{"name": "wall"}], "optimizer": [{"name": "hf", "steps": "x"}]}
+        )

@@ -1,0 +1,96 @@
+"""Cost of Hessian-free's pieces in gradient-equivalents.
+
+1. One Gauss-Newton-vector product inside CG relative to one gradient on the same
+   batch. The linearization is computed once; the marginal cost of a product is
+   ``(time of N products - time of 0 products) / N`` (target: at most 1.2x).
+2. One HF update with exactly ``k`` CG iterations relative to a gradient (target: at
+   most ``k + 4`` gradient-equivalents). The update includes the linearization, CG,
+   backtracking evaluations, the product for rho and the line search.
+
+    python benchmarks/bench_hf.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import optax.tree_utils as otu
+
+from optimizers import Objective, loss_grads_and_states, make_optimizer
+from optimizers.curvature import gauss_newton_operator
+from tasks import make_task
+
+
+def best_time(fn, *args, repeats: int = 5) -> float:
+    """Best wall time of ``fn(*args)`` over ``repeats`` calls (compiled first)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def product_cost(task, params, batch, n_products: int) -> tuple[float, float]:
+    """(seconds per gradient, marginal seconds per G v product)."""
+    grad = jax.jit(jax.grad(task.loss))
+    t_grad = best_time(grad, params, batch, repeats=10)
+
+    def products(params, v, n):
+        matvec = gauss_newton_operator(task, params, batch)
+        return jax.lax.fori_loop(0, n, lambda _, w: otu.tree_scale(1e-3, matvec(w)), v)
+
+    run_n = jax.jit(products, static_argnums=2)
+    v = jax.tree.map(jnp.ones_like, params)
+    t_many = best_time(run_n, params, v, n_products)
+    t_none = best_time(run_n, params, v, 0)
+    return t_grad, (t_many - t_none) / n_products
+
+
+def update_cost(task, params, batch, k: int, repeats: int = 5) -> float:
+    """Seconds of one HF update with exactly ``k`` CG iterations."""
+    opt = make_optimizer("hf", min_cg_iters=k, max_cg_iters=k, damping=1.0)
+
+    def step(params, state):
+        loss, grads, states, sgrads = loss_grads_and_states(task, params, batch)
+        objective = Objective(task, batch, batch, loss, grads, states, sgrads)
+        return opt.update(grads, state, params, objective=objective)
+
+    step = jax.jit(step)
+    state = opt.init(params)
+    _, new_state = step(params, state)
+    assert int(new_state.record.values["cg_iters"]) == k
+    return best_time(step, params, state, repeats=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 5
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print("| task | hidden | length | batch | G v / gradient | HF update k=10 | k=50 |")
+    print("|---|---|---|---|---|---|---|")
+    for hidden, length, size in ((50, 100, 100), (100, 100, 100), (50, 200, 200)):
+        task = make_task(
+            "temporal_order", length=length, hidden=hidden, batch_size=size
+        )
+        params = task.init(jax.random.PRNGKey(0))
+        batch = task.sample_batch(jax.random.PRNGKey(1))
+        t_grad, t_prod = product_cost(task, params, batch, 20 if args.quick else 50)
+        ratios = []
+        for k in (10, 50):
+            ratios.append(update_cost(task, params, batch, k, repeats) / t_grad)
+        print(
+            f"| temporal_order | {hidden} | {length} | {size} | {t_prod / t_grad:.2f}x "
+            f"| {ratios[0]:.1f} (target <= 14) | {ratios[1]:.1f} (target <= 54) |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Hessian-free: its rules on constructed cases, and training behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optimizers import Objective, loss_grads_and_states, make_optimizer
+from optimizers.hessian_free import (
+    _backtrack,
+    _line_search,
+    _per_example_sq_grad_mean,
+    levenberg_marquardt,
+)
+from runner.run import run
+from tasks import Batch, Task, make_task, squared_error
+
+
+class LinearRegression(Task):
+    """Linear least squares through the task interface (G equals the Hessian)."""
+
+    name = "linear_regression"
+    output_loss = squared_error
+    batch_size = 40
+
+    def __init__(self, n_in=6, n_out=2, noise=0.1):
+        self.n_in, self.n_out, self.noise = n_in, n_out, noise
+        key = jax.random.PRNGKey(42)
+        self.w_true = jax.random.normal(key, (n_in, n_out))
+
+    def init(self, key):
+        return {"w": jnp.zeros((self.n_in, self.n_out)), "c": jnp.zeros(self.n_out)}
+
+    def sample_batch(self, key, batch_size=None):
+        size = batch_size or self.batch_size
+        k_x, k_e = jax.random.split(key)
+        x = jax.random.normal(k_x, (1, size, self.n_in))
+        y = (
+            x @ self.w_true
+            + 0.5
+            + self.noise * jax.random.normal(k_e, (1, size, self.n_out))
+        )
+        return Batch(x, y, jnp.ones((1, size)), jnp.ones(size, jnp.int32))
+
+    def apply(self, params, inputs, state_offset=None):
+        out = inputs @ params["w"] + params["c"]
+        return out, out if state_offset is None else out + state_offset
+
+
+def _objective(task, params, batch, curvature_batch=None):
+    loss, grads, states, sgrads = loss_grads_and_states(task, params, batch)
+    curv = batch if curvature_batch is None else curvature_batch
+    return grads, Objective(task, batch, curv, loss, grads, states, sgrads)
+
+
+@pytest.mark.parametrize(
+    "rho, factor",
+    [(np.nan, 1.5), (-3.0, 1.5), (0.1, 1.5), (0.25, 1.0), (0.5, 1.0), (0.75, 1.0),
+     (0.9, 2.0 / 3.0), (2.0, 2.0 / 3.0)],
+)  # fmt: skip
+def test_levenberg_marquardt_rule(rho, factor):
+    assert float(levenberg_marquardt(10.0, jnp.float32(rho))) == pytest.approx(
+        10.0 * factor
+    )
+
+
+def test_armijo_line_search():
+    f = lambda r: (r - 0.3) ** 2  # noqa: E731
+    # Rates 1, 0.8, 0.64 fail the Armijo test with c = 0.01; 0.512 passes.
+    rate, tries = _line_search(f, f(0.0), -0.6, f(1.0), 0.01, 0.8, 60)
+    assert float(rate) == pytest.approx(0.512) and int(tries) == 3
+    # A "descent" direction along which f only grows is rejected after 60 tries.
+    g = lambda r: r + 1.0  # noqa: E731
+    rate, tries = _line_search(g, jnp.float32(1.0), -1.0, g(1.0), 0.01, 0.8, 60)
+    assert float(rate) == 0.0 and int(tries) == 60
+
+
+def test_cg_backtracking_walks_back_while_decreasing():
+    values = {1.0: 5.0, 2.0: 3.0, 3.0: 2.0, 5.0: 4.0}
+    value_at = lambda s: jnp.select(  # noqa: E731
+        [s["x"][0] == k for k in values], list(values.values()), jnp.nan
+    )
+    saved = {"x": jnp.array([[1.0], [2.0], [3.0], [9.0]])}
+    j, step, f_j, evals = _backtrack(
+        value_at, saved, jnp.int32(3), {"x": jnp.array([5.0])}
+    )
+    # From the last (f = 4) back to x = 3 (f = 2); x = 2 (f = 3) is worse: stop.
+    assert int(j) == 2 and float(step["x"][0]) == 3.0 and float(f_j) == 2.0
+    assert int(evals) == 3
+    # The last iterate is kept when the one before it is worse.
+    values[3.0] = 7.0
+    j, step, _, evals = _backtrack(
+        value_at, saved, jnp.int32(3), {"x": jnp.array([5.0])}
+    )
+    assert int(j) == 3 and float(step["x"][0]) == 5.0 and int(evals) == 2
+
+
+def test_hf_solves_linear_least_squares_in_one_update():
+    task = LinearRegression()
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    opt = make_optimizer("hf", damping=1e-4, max_cg_iters=50, cg_tol=1e-8)
+    state = opt.init(params)
+    grads, objective = _objective(task, params, batch)
+    updates, state = opt.update(grads, state, params, objective=objective, key=None)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    # Least-squares reference from numpy.
+    x = np.asarray(batch.inputs[0])
+    y = np.asarray(batch.targets[0])
+    design = np.hstack([x, np.ones((x.shape[0], 1))])
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    np.testing.assert_allclose(params["w"], coef[:-1], atol=1e-3)
+    np.testing.assert_allclose(params["c"], coef[-1], atol=1e-3)
+    # The quadratic model is exact: rho = 1, the damping shrinks by 2/3, rate 1.
+    assert float(state.record.values["rho"]) == pytest.approx(1.0, abs=1e-3)
+    assert float(state.damping) == pytest.approx(1e-4 * 2 / 3, rel=1e-5)
+    assert float(state.record.values["rate"]) == 1.0
+    assert int(state.work.curvature_products) >= 14  # 14 parameters
+
+
+def test_hf_with_exact_hessian_on_a_convex_problem():
+    task = LinearRegression()
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    opt = make_optimizer("hf", damping=1e-3, curvature="hessian", cg_tol=1e-8)
+    state = opt.init(params)
+    loss0 = None
+    for _ in range(3):
+        grads, objective = _objective(task, params, batch)
+        loss0 = loss0 if loss0 is not None else float(objective.loss)
+        updates, state = opt.update(grads, state, params, objective=objective)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    final = float(task.loss(params, batch))
+    assert final < 0.05 * loss0
+    assert final == pytest.approx(2 * task.noise**2, rel=0.5)  # noise floor
+
+
+def test_curvature_comes_from_the_curvature_batch():
+    task = make_task("addition", length=10, hidden=6, batch_size=16)
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    opt = make_optimizer("hf", damping=1.0, max_cg_iters=20)
+    outs = []
+    for seed in (2, 3):
+        curv = task.sample_batch(jax.random.PRNGKey(seed), 8)
+        grads, objective = _objective(task, params, batch, curv)
+        updates, _ = opt.update(grads, opt.init(params), params, objective=objective)
+        outs.append(np.asarray(updates["W_rec"]))
+    assert not np.allclose(outs[0], outs[1])
+
+
+def test_reuse_curvature_redraws_every_k_updates():
+    task = make_task("addition", length=10, hidden=4, batch_size=8)
+    params = task.init(jax.random.PRNGKey(0))
+    opt = make_optimizer("hf", reuse_curvature=3, max_cg_iters=5)
+    state = opt.init(params)
+    keys = []
+    for step in range(7):
+        batch = task.sample_batch(jax.random.PRNGKey(100 + step))
+        grads, objective = _objective(task, params, batch)
+        _, state = opt.update(
+            grads, state, params, objective=objective, key=jax.random.PRNGKey(step)
+        )
+        keys.append(tuple(np.asarray(state.curvature_key)))
+    assert keys[0] == keys[1] == keys[2] != keys[3]
+    assert keys[3] == keys[4] == keys[5] != keys[6]
+
+
+def test_preconditioner_diagonal_is_mean_squared_per_example_gradient():
+    task = make_task("addition", length=10, hidden=4, batch_size=5)
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    diag = _per_example_sq_grad_mean(task, params, batch)
+    squares = []
+    for b in range(5):
+        single = Batch(
+            batch.inputs[:, b : b + 1], batch.targets[:, b : b + 1],
+            batch.mask[:, b : b + 1], batch.lengths[b : b + 1],
+        )  # fmt: skip
+        squares.append(jax.grad(task.loss)(params, single))
+    for k in diag:
+        expected = np.mean([np.asarray(s[k]) ** 2 for s in squares], axis=0)
+        np.testing.assert_allclose(diag[k], expected, rtol=1e-5, atol=1e-12)
+    opt = make_optimizer("hf", precondition=True, max_cg_iters=10)
+    grads, objective = _objective(task, params, batch)
+    updates, state = opt.update(grads, opt.init(params), params, objective=objective)
+    assert np.isfinite(np.asarray(updates["W_rec"])).all()
+    assert int(state.work.grad_evals) == 1
+
+
+def test_hf_trains_the_wall_model_vmapped():
+    # Left of the wall region (w < 4) the surface is smooth: HF converges quickly.
+    result = run(
+        "wall", "hf", seeds=[0, 1], steps=40, eval_every=10,
+        task_hparams={"w0": 2.0, "b0": 1.0, "init_noise": 0.3, "tolerance": 1e-5},
+        opt_hparams={"damping": 1.0},
+    )  # fmt: skip
+    assert list(result.summary.status) == ["solved", "solved"]
+    first = result.records.groupby("seed").loss.first()
+    assert first[0] != first[1]  # the seeds really start from different points
+
+
+def test_hf_trains_addition_at_a_short_length():
+    result = run(
+        "addition", "hf", seeds=1, steps=60, eval_every=20, eval_size=500,
+        task_hparams={"length": 10, "hidden": 16, "batch_size": 200},
+        opt_hparams={"damping": 1.0, "max_cg_iters": 50},
+        curvature_batch_size=50,
+    )  # fmt: skip
+    losses = result.records.eval_loss.to_numpy()
+    assert losses[-1] < 0.2 * losses[0]
+    assert {"damping_mean", "rho_mean", "cg_iters_mean", "accepted_rate"} <= set(
+        result.records.columns
+    )
+    assert (result.records.curvature_products > 0).all()
+    # Gradient-equivalents count the curvature products on the smaller batch.
+    row = result.records.iloc[-1]
+    expected = row.grad_evals + 0.5 * row.fun_evals + row.curvature_products * 50 / 200
+    assert row.grad_equivalents == pytest.approx(expected)
