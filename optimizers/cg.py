@@ -107,7 +107,7 @@ def conjugate_gradient(
     saved0 = jax.tree.map(lambda a: jnp.zeros((n_slots, *a.shape), a.dtype), x0)
     init = (
         jnp.int32(0), x0, r0, z0, z0, otu.tree_vdot(r0, z0), q_hist, saved0,
-        jnp.int32(0), jnp.bool_(False), otu.tree_vdot(r0, z0) == 0,
+        jnp.int32(0), jnp.bool_(False), jnp.bool_(False), otu.tree_vdot(r0, z0) == 0,
     )  # fmt: skip
 
     def cond(carry):
@@ -115,10 +115,12 @@ def conjugate_gradient(
         return (i < max_iters) & ~done
 
     def body(carry):
-        i, x, r, z, p, rz, q_hist, saved, n_saved, neg, _ = carry
+        i, x, r, z, p, rz, q_hist, saved, n_saved, neg, stalled, _ = carry
         ap = matvec(p)
         pap = otu.tree_vdot(p, ap)
         bad = ~(pap > 0)  # also catches NaN
+        # A zero direction means the residual vanished: converged, not curvature.
+        negative = bad & (otu.tree_vdot(p, p) > 0)
         alpha = jnp.where(bad, 0.0, rz / jnp.where(bad, 1.0, pap))
         x_new = otu.tree_add_scale(x, alpha, p)
         r_new = otu.tree_add_scale(r, -alpha, ap)
@@ -149,10 +151,13 @@ def conjugate_gradient(
         return (
             jnp.where(bad, i, i_new), keep(x_new, x), keep(r_new, r), keep(z_new, z),
             keep(p_new, p), jnp.where(bad, rz, rz_new), q_hist, saved, n_saved,
-            neg | bad, bad | converged,
+            neg | negative, stalled | bad, bad | converged,
         )  # fmt: skip
 
-    i, x, *_, q_hist, saved, n_saved, neg, _ = jax.lax.while_loop(cond, body, init)
-    # Products: one for r0, one per iteration attempted (a refused step costs one too).
-    products = 1 + i + neg.astype(jnp.int32)
+    i, x, *_, q_hist, saved, n_saved, neg, stalled, _ = jax.lax.while_loop(
+        cond, body, init
+    )
+    # Products: one for r0, one per iteration run, plus the refused step that ended
+    # CG (on a non-positive or zero direction) if any.
+    products = 1 + i + stalled.astype(jnp.int32)
     return CGResult(x, i, saved, n_saved, q_hist, neg, products)

@@ -174,3 +174,13 @@ def test_jit_and_vmap():
     out = jax.jit(jax.vmap(solve))(jnp.asarray(gs, jnp.float32))
     for row, gv in zip(np.asarray(out), gs, strict=True):
         np.testing.assert_allclose(row, np.linalg.solve(a, -gv), rtol=2e-3, atol=2e-4)
+
+
+def test_exact_convergence_is_not_reported_as_negative_curvature():
+    # A = 2 I: one step gives an exactly zero residual, then a zero direction.
+    g = np.array([1.0, -2.0, 0.5])
+    result = _run(2.0 * np.eye(3), g, np.zeros(3), max_iters=50)
+    assert int(result.iterations) == 1
+    assert not bool(result.negative_curvature)
+    np.testing.assert_allclose(result.x["x"], -g / 2)
+    assert int(result.products) == 3  # r0, the step, the refused zero direction
