@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from optimizers.base import Objective, StepRecord, WorkCount
+from optimizers.base import Objective, StepRecord, WorkCount, gradient_equivalents
 from optimizers.cg import conjugate_gradient, save_schedule
 from optimizers.curvature import curvature_operator
 from tasks.hparams import NONNEGATIVE, POSITIVE, UNIT, UNIT_OPEN, Range
@@ -45,7 +45,7 @@ Array = jax.Array
 
 RECORD_KEYS = (
     "damping", "rho", "cg_iters", "backtrack_iter", "rate", "accepted",
-    "cg_products",
+    "cg_products", "grad_equivalents",
 )  # fmt: skip
 
 
@@ -264,10 +264,15 @@ def hessian_free(
             fun_evals=state.work.fun_evals + evals + tries,
             curvature_products=state.work.curvature_products + products,
         )
+        # This update's work, the runner's gradient included.
+        cost = gradient_equivalents(
+            1 + extra_grads, evals + tries, products,
+            objective.batch.inputs.shape[1], curv_batch.inputs.shape[1],
+        )  # fmt: skip
         record = {
             "damping": lam, "rho": rho, "cg_iters": cg.iterations,
             "backtrack_iter": chosen_iter, "rate": rate, "accepted": rate > 0,
-            "cg_products": products,
+            "cg_products": products, "grad_equivalents": cost,
         }  # fmt: skip
         new_state = HessianFreeState(
             damping=new_lam.astype(jnp.float32),

@@ -54,7 +54,8 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
     keys = group_columns(summary)
     summary = summary.copy()
     for col in ("steps_to_solve", "seconds_to_solve", "grad_equivalents_to_solve"):
-        summary[col] = pd.to_numeric(summary[col], errors="coerce")
+        # Older run files may lack a column: it reads as missing, not as an error.
+        summary[col] = pd.to_numeric(summary.get(col), errors="coerce")
     batch = pd.to_numeric(summary.get("batch_size", 1), errors="coerce")
     summary["sequence_grads"] = summary["grad_equivalents_to_solve"] * batch
     grouped = summary.groupby(keys, sort=True, dropna=False)

@@ -217,3 +217,6 @@ def test_hf_trains_addition_at_a_short_length():
     row = result.records.iloc[-1]
     expected = row.grad_evals + 0.5 * row.fun_evals + row.curvature_products * 50 / 200
     assert row.grad_equivalents == pytest.approx(expected)
+    # The per-update records (the runner's gradient included) add up to the same.
+    per_update = (result.records.grad_equivalents_mean * 20).sum()
+    assert per_update == pytest.approx(row.grad_equivalents, rel=1e-5)
