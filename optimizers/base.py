@@ -2,10 +2,15 @@
 
 The runner calls every optimizer the same way (no name checks in the loop)::
 
-    updates, state = opt.update(grads, state, params, objective=objective, key=key)
+    updates, state = opt.update(
+        grads, state, params, objective=objective, key=key, step=step
+    )
 
 First-order transforms ignore the extra arguments; second-order ones evaluate the
-objective or take curvature products on ``objective.curvature_batch``.
+objective or take curvature products on ``objective.curvature_batch``. ``key`` is a
+fresh per-seed PRNG key; ``step`` is the global update index, the same for every seed
+and *not* vmapped, so a gate such as "re-estimate every k steps" can use
+``lax.cond`` on it and really skip work when seeds are vmapped.
 
 Optimizer states may contain two marker types that the runner collects wherever they sit
 in the state tree:

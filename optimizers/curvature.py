@@ -120,3 +120,113 @@ def structural_operator(task: Task, params: dict, batch: Batch) -> Operator:
         return sv
 
     return matvec
+
+
+# Diagonal estimators (Becker & LeCun 1988; Bekas et al. 2007; Yao et al. 2021;
+# Liu et al. 2023). Each returns a pytree like ``params``.
+
+
+def rademacher_like(key: Array, tree: dict) -> dict:
+    """Independent +-1 entries with the structure of ``tree``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    probes = [
+        jax.random.rademacher(k, leaf.shape, leaf.dtype)
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, probes)
+
+
+def hutchinson_diagonal(
+    operator: Operator, key: Array, like: dict, n_probes: int = 1
+) -> dict:
+    """``mean_i z_i * (A z_i)`` with Rademacher ``z_i``: unbiased for ``diag(A)``.
+
+    With ``A`` the Hessian this is AdaHessian's and Sophia-H's estimator; with the
+    Gauss-Newton operator it estimates the Gauss-Newton diagonal.
+    """
+
+    def one(k):
+        z = rademacher_like(k, like)
+        return jax.tree.map(lambda a, b: a * b, z, operator(z))
+
+    estimates = jax.lax.map(one, jax.random.split(key, n_probes))
+    return jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates)
+
+
+def gauss_newton_diagonal_sampled(
+    task: Task, params: dict, batch: Batch, key: Array, n_samples: int = 1
+) -> dict:
+    """Monte-Carlo Gauss-Newton diagonal from targets sampled from the model.
+
+    With ``y_hat ~ p(y | f)`` and ``w_t`` the loss weights,
+    ``g_hat = grad sum_t sqrt(w_t) l(f_t, y_hat_t)`` has ``E[g_hat g_hat^T] =
+    sum_t w_t J_t^T H_L J_t = G`` (the score of each step has zero mean and
+    covariance ``H_L`` for these losses), so ``g_hat^2`` is unbiased for ``diag(G)``
+    at the cost of one backward pass. This is Sophia-G's Gauss-Newton-Bartlett
+    estimator (Liu et al. 2023), with the batch size folded into the weights.
+    """
+    outputs, vjp = jax.vjp(lambda p: task.apply(p, batch.inputs)[0], params)
+    mask = batch.mask.astype(outputs.dtype)
+    root_w = jnp.sqrt(mask / jnp.maximum(jnp.sum(mask), 1.0))
+
+    def one(k):
+        targets = task.output_loss.sample_targets(k, jax.lax.stop_gradient(outputs))
+        # d/df sum_t sqrt(w_t) l(f_t, y_t): a cotangent for one reverse pass.
+        ct = jax.grad(lambda f: jnp.sum(root_w * task.output_loss.value(f, targets)))(
+            outputs
+        )
+        (g,) = vjp(ct)
+        return jax.tree.map(jnp.square, g)
+
+    estimates = jax.lax.map(one, jax.random.split(key, n_samples))
+    return jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates)
+
+
+def gauss_newton_diagonal_exact(task: Task, params: dict, batch: Batch) -> dict:
+    """Exact ``diag(J^T H_L J)``, one reverse pass per (sequence, step, output unit).
+
+    ``diag(G) = sum_{t,b} sum_k (J_tb^T s_tbk)^2`` with ``H_tb = S S^T`` (a square
+    root of the per-step output Hessian times its loss weight). Costs ``T x O``
+    gradients of the batch: meant for small output sizes and short sequences (and
+    as the reference the sampled estimators are tested against).
+    """
+    n_steps = batch.inputs.shape[0]
+    outputs = task.apply(params, batch.inputs)[0]
+    n_out = outputs.shape[-1]
+    mask = batch.mask.astype(outputs.dtype)
+    weight = mask / jnp.maximum(jnp.sum(mask), 1.0)
+    eye = jnp.eye(n_out, dtype=outputs.dtype)
+    # H_tb as a dense [T, B, O, O] matrix, then its symmetric square root.
+    hess = jax.vmap(
+        lambda e: task.output_loss.hessian_vp(
+            outputs, jnp.broadcast_to(e, outputs.shape)
+        ),
+        out_axes=-1,
+    )(eye)
+    hess = hess * weight[..., None, None]
+    vals, vecs = jnp.linalg.eigh(hess)
+    root = vecs * jnp.sqrt(jnp.clip(vals, 0.0))[..., None, :]  # [T, B, O, O]
+
+    def sequence(inputs, root_b):
+        # inputs [T, n_in], root_b [T, O, O] for one sequence.
+        _, vjp = jax.vjp(lambda p: task.apply(p, inputs[:, None])[0][:, 0], params)
+
+        def per_step(t):
+            def per_unit(k):
+                ct = (
+                    jnp.zeros((n_steps, n_out), outputs.dtype)
+                    .at[t]
+                    .set(root_b[t, :, k])
+                )
+                (g,) = vjp(ct)
+                return jax.tree.map(jnp.square, g)
+
+            squares = jax.vmap(per_unit)(jnp.arange(n_out))
+            return jax.tree.map(lambda s: jnp.sum(s, axis=0), squares)
+
+        per_t = jax.lax.map(per_step, jnp.arange(n_steps))
+        return jax.tree.map(lambda s: jnp.sum(s, axis=0), per_t)
+
+    per_seq = jax.vmap(sequence, in_axes=(1, 1))(batch.inputs, root)
+    return jax.tree.map(lambda s: jnp.sum(s, axis=0), per_seq)

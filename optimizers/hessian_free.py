@@ -198,7 +198,10 @@ def hessian_free(
             record=StepRecord(record),
         )
 
-    def update_fn(grads, state, params=None, *, objective: Objective = None, key=None):
+    def update_fn(
+        grads, state, params=None, *, objective: Objective = None, key=None, **extra
+    ):
+        del extra
         if objective is None or params is None:
             raise ValueError("hessian_free needs params and objective= (the runner)")
         lam = state.damping

@@ -14,12 +14,14 @@ annotations) is static and part of the compilation key.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import optax
 
-from optimizers import first_order
+from optimizers import diagonal, first_order
 from optimizers.hessian_free import hessian_free
 from tasks.hparams import ConfigError, check_hparams, declared_hparams
 
@@ -28,6 +30,10 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd_clip": first_order.sgd_clip,
     "sgd_cr": first_order.sgd_cr,
     "hf": hessian_free,
+    "sdlm": diagonal.sdlm,
+    "adahessian": diagonal.adahessian,
+    "sophia_h": diagonal.sophia_h,
+    "sophia_g": diagonal.sophia_g,
 }
 
 
@@ -39,12 +45,29 @@ def register_optimizer(name: str, factory: Callable, overwrite: bool = False):
     return factory
 
 
+def _import_module(name: str):
+    """Import ``name``, also from the working directory (as ``python -m`` would).
+
+    The ``curvbench`` console script does not put the working directory on
+    ``sys.path``; users expect their own modules next to their comparison files to
+    be found all the same.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        cwd = os.getcwd()
+        if cwd in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        return importlib.import_module(name)
+
+
 def _import(path: str) -> Any:
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
         return getattr(module, attr)
     except (ImportError, AttributeError, ValueError, TypeError) as err:
         raise ConfigError(f"optimizer {path!r} cannot be imported: {err}") from None

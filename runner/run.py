@@ -88,7 +88,7 @@ def _program(task, spec, chunk_steps, eval_size, curv_size, n_seeds, probe_args)
         compiled = Program(
             init=program.init.lower(*probe_args).compile(),
             chunk=program.chunk.lower(
-                state_shape, probe_args[1], probe_args[0], jnp.int32(0)
+                state_shape, probe_args[1], probe_args[0], jnp.int32(0), jnp.int32(0)
             ).compile(),
             success=program.success,
         )
@@ -207,7 +207,12 @@ def run(
         )
         was_active = np.asarray(state.active)
         (state, summary, trace), dt = timed(
-            program.chunk, state, hparams, chunk_eval_keys, jnp.int32(steps)
+            program.chunk,
+            state,
+            hparams,
+            chunk_eval_keys,
+            jnp.int32(steps),
+            jnp.int32(chunk * eval_every),
         )
         seconds += dt
         summary = jax.tree.map(np.asarray, summary)

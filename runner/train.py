@@ -50,7 +50,7 @@ class Program(NamedTuple):
     """The compiled pieces of one configuration."""
 
     init: Callable  # (seed_keys, hparams) -> SeedState
-    chunk: Callable  # (state, hparams, eval_key, step_limit) -> (state, summary, trace)
+    chunk: Callable  # (state, hparams, eval_keys, step_limit, first_step) -> ...
     success: Callable  # (params, key) -> error rate on success_sequences
 
 
@@ -76,7 +76,7 @@ def build_program(
             params, opt_state, k_train, zero, zero, zero, jnp.array(True), zero - 1
         )
 
-    def train_step(state: SeedState, hparams, step_limit):
+    def train_step(state: SeedState, hparams, step_limit, step):
         key, k_batch, k_curv, k_opt = jax.random.split(state.key, 4)
         batch = task.sample_batch(k_batch)
         curv = task.sample_batch(k_curv, curvature_batch_size)
@@ -86,7 +86,12 @@ def build_program(
         objective = Objective(task, batch, curv, loss, grads, states, state_grads)
         opt = build_optimizer(hparams)
         updates, opt_state = opt.update(
-            grads, state.opt_state, state.params, objective=objective, key=k_opt
+            grads,
+            state.opt_state,
+            state.params,
+            objective=objective,
+            key=k_opt,
+            step=step,
         )
         params = optax.apply_updates(state.params, updates)
         live = state.active & (state.t < step_limit)
@@ -111,9 +116,12 @@ def build_program(
         }
         return new_state, trace
 
-    def chunk_one(state: SeedState, hparams, eval_key, step_limit):
+    def chunk_one(state: SeedState, hparams, eval_key, step_limit, first_step):
+        # The global step index is not vmapped: gates on it (re-estimate curvature
+        # every k steps) stay real branches under the seed vmap.
+        steps = first_step + jnp.arange(chunk_steps, dtype=jnp.int32)
         state, trace = jax.lax.scan(
-            lambda s, _: train_step(s, hparams, step_limit), state, None, chunk_steps
+            lambda s, t: train_step(s, hparams, step_limit, t), state, steps
         )
         live = trace["live"]
         n_live = jnp.maximum(jnp.sum(live), 1)
@@ -145,9 +153,9 @@ def build_program(
     def init_all(seed_keys, hparams):
         return jax.vmap(init_one, in_axes=(0, None))(seed_keys, hparams)
 
-    def chunk_all(state, hparams, eval_keys, step_limit):
-        return jax.vmap(chunk_one, in_axes=(0, None, 0, None))(
-            state, hparams, eval_keys, step_limit
+    def chunk_all(state, hparams, eval_keys, step_limit, first_step):
+        return jax.vmap(chunk_one, in_axes=(0, None, 0, None, None))(
+            state, hparams, eval_keys, step_limit, first_step
         )
 
     def success_one(params, key):
