@@ -21,7 +21,7 @@ from typing import Any
 
 import optax
 
-from optimizers import diagonal, first_order
+from optimizers import diagonal, first_order, quasi_newton
 from optimizers.hessian_free import hessian_free
 from tasks.hparams import ConfigError, check_hparams, declared_hparams
 
@@ -34,6 +34,9 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adahessian": diagonal.adahessian,
     "sophia_h": diagonal.sophia_h,
     "sophia_g": diagonal.sophia_g,
+    "lbfgs": quasi_newton.lbfgs,
+    "nonlinear_cg": quasi_newton.nonlinear_cg,
+    "levenberg_marquardt": quasi_newton.levenberg_marquardt,
 }
 
 
