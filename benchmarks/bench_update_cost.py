@@ -3,7 +3,7 @@
 For each optimizer: the wall time of one jitted training step (the runner's gradient
 plus ``update``) divided by the time of one gradient on the same batch, next to the
 nominal gradient-equivalents the run records report for that update
-(:func:`optimizers.base.gradient_equivalents`). Temporal order, length 100, 50 tanh
+(:func:`optimizers.base.gradient_equivalents`). Addition, length 100, 50 tanh
 units, batch 20, curvature batch 20. HF is measured with CG capped at 10 iterations.
 
     python benchmarks/bench_update_cost.py
@@ -37,7 +37,7 @@ def best_time(fn, *args, repeats: int = 20) -> float:
 
 
 def main() -> None:
-    task = make_task("temporal_order", length=100, hidden=50, init="basic_tanh")
+    task = make_task("addition", length=100, hidden=50, init="basic_tanh")
     params = task.init(jax.random.PRNGKey(0))
     batch = task.sample_batch(jax.random.PRNGKey(1))
     t_grad = best_time(jax.jit(jax.grad(task.loss)), params, batch)
