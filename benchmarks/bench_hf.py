@@ -13,26 +13,15 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+from timing import best_time
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
 from optimizers.curvature import gauss_newton_operator
 from tasks import make_task
-
-
-def best_time(fn, *args, repeats: int = 5) -> float:
-    """Best wall time of ``fn(*args)`` over ``repeats`` calls (compiled first)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def product_cost(task, params, batch, n_products: int) -> tuple[float, float]:

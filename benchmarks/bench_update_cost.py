@@ -12,6 +12,7 @@ units, batch 20, curvature batch 20. HF is measured with CG capped at 10 iterati
 from __future__ import annotations
 
 import jax
+from timing import best_time
 
 from optimizers import OPTIMIZERS, Objective, loss_grads_and_states, make_optimizer
 from optimizers.base import collect_work, gradient_equivalents
@@ -24,23 +25,11 @@ SETTINGS = {
 }
 
 
-def best_time(fn, *args, repeats: int = 20) -> float:
-    import time
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     task = make_task("addition", length=100, hidden=50, init="basic_tanh")
     params = task.init(jax.random.PRNGKey(0))
     batch = task.sample_batch(jax.random.PRNGKey(1))
-    t_grad = best_time(jax.jit(jax.grad(task.loss)), params, batch)
+    t_grad = best_time(jax.jit(jax.grad(task.loss)), params, batch, repeats=20)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}; gradient "
         f"{t_grad * 1e3:.2f} ms"
@@ -68,7 +57,7 @@ def main() -> None:
             int(work.grad_evals), int(work.fun_evals), int(work.curvature_products),
             20, 20,
         )  # fmt: skip
-        measured = best_time(step, params, state, key) / t_grad
+        measured = best_time(step, params, state, key, repeats=20) / t_grad
         settings = ", ".join(f"{k}={v}" for k, v in hparams.items()) or "defaults"
         print(f"| {name} | {settings} | {measured:.2f} | {nominal:.1f} |", flush=True)
 

@@ -71,23 +71,16 @@ def _count(n: int, kind: str) -> WorkCount:
     return WorkCount(**counts)
 
 
-def hutchinson_hessian(n_probes: int = 1) -> Estimator:
-    """``z * (H z)`` on the curvature batch (``n_probes`` Hessian-vector products)."""
+def hutchinson(kind: str = "hessian", n_probes: int = 1) -> Estimator:
+    """``z * (A z)`` on the curvature batch, ``A`` the Hessian or Gauss-Newton matrix.
+
+    Costs ``n_probes`` curvature-vector products.
+    """
+    operators = {"hessian": hessian_operator, "gauss_newton": gauss_newton_operator}
+    make_operator = operators[kind]
 
     def estimate(objective, params, key):
-        op = hessian_operator(objective.task, params, objective.curvature_batch)
-        return hutchinson_diagonal(op, key, params, n_probes), _count(
-            n_probes, "curvature_products"
-        )
-
-    return estimate
-
-
-def hutchinson_gauss_newton(n_probes: int = 1) -> Estimator:
-    """``z * (G z)`` on the curvature batch (``n_probes`` Gauss-Newton products)."""
-
-    def estimate(objective, params, key):
-        op = gauss_newton_operator(objective.task, params, objective.curvature_batch)
+        op = make_operator(objective.task, params, objective.curvature_batch)
         return hutchinson_diagonal(op, key, params, n_probes), _count(
             n_probes, "curvature_products"
         )
@@ -231,7 +224,7 @@ def _gn_estimator(kind: str, n_samples: int) -> Estimator:
     if kind == "exact":
         return exact_gauss_newton()
     if kind == "hutchinson":
-        return hutchinson_gauss_newton(n_samples)
+        return hutchinson("gauss_newton", n_samples)
     return sampled_gauss_newton(n_samples)
 
 
@@ -272,7 +265,7 @@ def adahessian(
     ``ema`` is the paper's ``beta_2``; ``power`` its Hessian power ``k``.
     """
     inner = scale_by_diagonal_curvature(
-        hutchinson_hessian(n_probes), every=every, ema=ema, momentum=b1,
+        hutchinson("hessian", n_probes), every=every, ema=ema, momentum=b1,
         damping=eps, power=power, square=True, bias_correction=True,
     )  # fmt: skip
     return _with_lr(inner, learning_rate)
@@ -297,7 +290,7 @@ def sophia_h(
     n_probes: Samples = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia-H: Hutchinson Hessian diagonal every ``every`` steps, clipped update."""
-    estimator = hutchinson_hessian(n_probes)
+    estimator = hutchinson("hessian", n_probes)
     return _sophia(estimator, learning_rate, b1, ema, gamma, eps, clip, every)
 
 

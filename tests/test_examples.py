@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from test_curvature import _dense_gauss_newton
 
 import optimizers
 from examples.newton_step import NewtonStepState, newton_step
@@ -121,18 +122,6 @@ def _setup() -> Setup:
         return update(grads, state, hparams)
 
     return Setup(task, params, grads, objective, step)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _dense_gauss_newton(task, params, batch):
-    """Dense ``J^T H_L J``: output Jacobian ``J``, output-loss Hessian ``H_L``."""
-    flat, unravel = ravel_pytree(params)
-    outputs_of = lambda f: task.apply(unravel(f), batch.inputs)[0].ravel()  # noqa: E731
-    jac = jax.jacfwd(outputs_of)(flat)
-    outputs = task.apply(params, batch.inputs)[0]
-    loss_of = lambda o: task.loss_from_outputs(o.reshape(outputs.shape), batch)  # noqa: E731
-    h_out = jax.hessian(loss_of)(outputs.ravel())
-    return jac.T @ h_out @ jac
 
 
 def test_newton_curvature_and_step_equal_dense():
