@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from problems import DiagonalQuadratic
 from test_curvature import _dense_gauss_newton, _setup
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
@@ -17,7 +18,6 @@ from optimizers.curvature import (
 )
 from optimizers.diagonal import exact_gauss_newton, scale_by_diagonal_curvature
 from runner.run import run
-from tasks import Batch, Task, squared_error
 
 DIAGONAL = ("sdlm", "adahessian", "sophia_h", "sophia_g")
 
@@ -62,28 +62,6 @@ def test_stochastic_estimators_are_unbiased(estimator):
         assert np.all(np.abs(mean - dense) <= 5 * stderr + 1e-10)
         # ... and not trivially: the estimates do vary from probe to probe.
         assert stderr.max() > 0
-
-
-class DiagonalQuadratic(Task):
-    """``L(x) = sum_i a_i (x_i - c_i)^2``: Hessian and Gauss-Newton are ``diag(2a)``."""
-
-    name = "diagonal_quadratic"
-    output_loss = squared_error
-    batch_size = 1
-
-    def __init__(self, a, c):
-        self.a, self.c = jnp.asarray(a), jnp.asarray(c)
-
-    def init(self, key):
-        return {"x": jnp.zeros_like(self.c)}
-
-    def sample_batch(self, key, batch_size=None):
-        targets = (jnp.sqrt(self.a) * self.c)[None, None]
-        return Batch(jnp.zeros((1, 1, 0)), targets, jnp.ones((1, 1)), jnp.ones(1, int))
-
-    def apply(self, params, inputs, state_offset=None):
-        out = (jnp.sqrt(self.a) * params["x"])[None, None]
-        return out, out if state_offset is None else out + state_offset
 
 
 def _train(task, opt, steps, key=0):

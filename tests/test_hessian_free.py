@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import LinearRegression
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
 from optimizers.hessian_free import (
@@ -13,38 +14,7 @@ from optimizers.hessian_free import (
     levenberg_marquardt,
 )
 from runner.run import run
-from tasks import Batch, Task, make_task, squared_error
-
-
-class LinearRegression(Task):
-    """Linear least squares through the task interface (G equals the Hessian)."""
-
-    name = "linear_regression"
-    output_loss = squared_error
-    batch_size = 40
-
-    def __init__(self, n_in=6, n_out=2, noise=0.1):
-        self.n_in, self.n_out, self.noise = n_in, n_out, noise
-        key = jax.random.PRNGKey(42)
-        self.w_true = jax.random.normal(key, (n_in, n_out))
-
-    def init(self, key):
-        return {"w": jnp.zeros((self.n_in, self.n_out)), "c": jnp.zeros(self.n_out)}
-
-    def sample_batch(self, key, batch_size=None):
-        size = batch_size or self.batch_size
-        k_x, k_e = jax.random.split(key)
-        x = jax.random.normal(k_x, (1, size, self.n_in))
-        y = (
-            x @ self.w_true
-            + 0.5
-            + self.noise * jax.random.normal(k_e, (1, size, self.n_out))
-        )
-        return Batch(x, y, jnp.ones((1, size)), jnp.ones(size, jnp.int32))
-
-    def apply(self, params, inputs, state_offset=None):
-        out = inputs @ params["w"] + params["c"]
-        return out, out if state_offset is None else out + state_offset
+from tasks import Batch, make_task
 
 
 def _objective(task, params, batch, curvature_batch=None):

@@ -13,42 +13,12 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
+from problems import LinearRegression
 
 from optimizers import Objective, collect_records, collect_work, loss_grads_and_states
 from optimizers import quasi_newton as qn
-from tasks import Batch, ConfigError, Task, make_task, squared_error
+from tasks import ConfigError, make_task
 from tasks.hparams import check_hparams, declared_hparams
-
-
-class LinearRegression(Task):
-    """Linear least squares through the task interface (one time step)."""
-
-    name = "linear_regression"
-    output_loss = squared_error
-    batch_size = 40
-
-    def __init__(self, n_in=4, n_out=2, noise=0.1):
-        self.n_in, self.n_out, self.noise = n_in, n_out, noise
-        self.w_true = jax.random.normal(jax.random.PRNGKey(42), (n_in, n_out))
-
-    def init(self, key):
-        return {
-            "w": jax.random.normal(key, (self.n_in, self.n_out)),
-            "c": jnp.zeros(self.n_out),
-        }
-
-    def sample_batch(self, key, batch_size=None):
-        size = batch_size or self.batch_size
-        k_x, k_e = jax.random.split(key)
-        x = jax.random.normal(k_x, (1, size, self.n_in))
-        noise = self.noise * jax.random.normal(k_e, (1, size, self.n_out))
-        y = x @ self.w_true + 0.5 + noise
-        return Batch(x, y, jnp.ones((1, size)), jnp.ones(size, jnp.int32))
-
-    def apply(self, params, inputs, state_offset=None):
-        out = inputs @ params["w"] + params["c"]
-        return out, out if state_offset is None else out + state_offset
-
 
 FACTORIES = {
     "lbfgs": (lambda: qn.lbfgs, {}),
@@ -99,7 +69,7 @@ def _avals(tree):
 @functools.cache
 def _regression():
     """The regression task, one batch and two parameter sets (stacked)."""
-    task = LinearRegression()
+    task = LinearRegression(n_in=4, random_init=True)
     batch = jax.jit(task.sample_batch, static_argnums=1)(jax.random.PRNGKey(1), None)
     keys = jnp.stack([jax.random.PRNGKey(0), jax.random.PRNGKey(7)])
     return task, batch, jax.jit(jax.vmap(task.init))(keys)
@@ -234,7 +204,7 @@ def test_no_jaxopt_warning_reaches_the_user():
         importlib.import_module("jaxopt")
     assert any(issubclass(w.category, DeprecationWarning) for w in raw)
     _drop_jaxopt()
-    task = LinearRegression(n_in=1, n_out=1)
+    task = LinearRegression(n_in=1, n_out=1, random_init=True)
     batch = task.sample_batch(jax.random.PRNGKey(1), 8)
 
     def updates(opt, params, state, n=2):
