@@ -28,7 +28,6 @@ import numpy as np
 
 Array = jax.Array
 Init = Literal["sigmoid", "basic_tanh", "smart_tanh"]
-INITS: tuple[str, ...] = ("sigmoid", "basic_tanh", "smart_tanh")
 ACTIVATIONS = {
     "sigmoid": jax.nn.sigmoid,
     "basic_tanh": jnp.tanh,
