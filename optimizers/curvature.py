@@ -20,9 +20,12 @@ conjugate gradient needs (one forward-mode and one reverse-mode pass per product
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from tasks.base import Batch, Task
 
@@ -230,3 +233,210 @@ def gauss_newton_diagonal_exact(task: Task, params: dict, batch: Batch) -> dict:
 
     per_seq = jax.vmap(sequence, in_axes=(1, 1))(batch.inputs, root)
     return jax.tree.map(lambda s: jnp.sum(s, axis=0), per_seq)
+
+
+# Lanczos (Lanczos 1950; Golub & Van Loan 2013, Alg. 10.1.1) and stochastic Lanczos
+# quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
+
+
+class LanczosResult(NamedTuple):
+    """``A Q^T ~ Q^T T`` with ``T = tridiag(betas, alphas, betas)``.
+
+    Attributes:
+      alphas: ``[m]`` diagonal of ``T``.
+      betas: ``[m - 1]`` off-diagonal of ``T``.
+      basis: ``[m, n]`` orthonormal Lanczos vectors, row ``i`` is ``q_i``.
+    """
+
+    alphas: Array
+    betas: Array
+    basis: Array
+
+
+def lanczos_tridiagonal(
+    matvec: Callable[[Array], Array], v0: Array, num_iters: int
+) -> LanczosResult:
+    """``num_iters`` steps of Lanczos with full reorthogonalization on flat vectors.
+
+    From ``q_0 = v0 / |v0|``: ``alpha_i = q_i^T A q_i``,
+    ``r_i = (I - Q_i^T Q_i)^2 A q_i`` (classical Gram-Schmidt against every previous
+    vector, done twice), ``beta_i = |r_i|`` and ``q_{i+1} = r_i / beta_i``
+    (Lanczos 1950; Golub & Van Loan 2013, Alg. 10.1.1). Uses ``num_iters``
+    products, a fixed-length ``lax.fori_loop``: jit- and vmap-safe.
+
+    Breakdown (an invariant Krylov space): once ``beta_i <= sqrt(eps) * s``, with
+    ``s`` the largest ``|A q_j|`` so far, every later vector is zero and the
+    remaining alphas and betas are 0, so ``T`` is block diagonal with a zero block.
+    (The rounding noise of a product, above ``eps * s`` by a factor that grows with
+    ``n`` and ``|A| / s``, would otherwise restart Lanczos from noise; dropping
+    such a ``beta_i`` moves the Ritz values by at most ``sqrt(eps) * s``.)
+
+    Args:
+      matvec: ``v -> A v`` for a symmetric ``A`` on ``[n]`` vectors.
+      v0: ``[n]`` start vector (need not be normalized).
+      num_iters: ``m``, the number of Lanczos vectors.
+    """
+    eps = jnp.finfo(v0.dtype).eps
+
+    def step(i, carry):
+        basis, alphas, betas, scale, alive = carry
+        q = basis[i]
+        w = matvec(q)
+        alpha = jnp.vdot(q, w)
+        scale = jnp.maximum(scale, jnp.linalg.norm(w))
+        for _ in range(2):  # rows after i are still zero
+            w = w - basis.T @ (basis @ w)
+        beta = jnp.linalg.norm(w)
+        alive = alive & (beta > jnp.sqrt(eps) * scale)
+        q_next = jnp.where(alive, w / jnp.where(alive, beta, 1.0), 0.0)
+        basis = basis.at[i + 1].set(q_next, mode="drop")
+        betas = betas.at[i].set(jnp.where(alive, beta, 0.0), mode="drop")
+        return basis, alphas.at[i].set(alpha), betas, scale, alive
+
+    init = _lanczos_start(v0, num_iters)
+    basis, alphas, betas, _, _ = jax.lax.fori_loop(0, num_iters, step, init)
+    return LanczosResult(alphas, betas, basis)
+
+
+@partial(jax.jit, static_argnums=1)
+def _lanczos_start(v0: Array, num_iters: int) -> tuple:
+    """The loop's carry: ``q_0 = v0 / |v0|`` (0 if ``v0 = 0``) in an empty basis."""
+    norm0 = jnp.linalg.norm(v0)
+    q0 = jnp.where(norm0 > 0, v0 / jnp.where(norm0 > 0, norm0, 1.0), 0.0)
+    basis = jnp.zeros((num_iters, v0.shape[0]), v0.dtype).at[0].set(q0)
+    zeros = jnp.zeros(num_iters, v0.dtype)
+    return basis, zeros, zeros[1:], jnp.zeros((), v0.dtype), norm0 > 0
+
+
+def _ritz(result: LanczosResult) -> tuple[Array, Array, Array]:
+    """Ascending Ritz values, their weights ``s_0j^2`` and ``T``'s eigenvectors.
+
+    After a breakdown the zero block of ``T`` is moved below its Gershgorin lower
+    bound, so that its spurious eigenpairs come first (ascending); they get weight
+    0 and repeat the smallest genuine Ritz value. Their Ritz vectors are zero.
+    """
+    alphas, betas = result.alphas, result.betas
+    live = jnp.any(result.basis != 0, axis=1)  # Lanczos vectors are 0 or unit
+    pad = jnp.zeros((1,), alphas.dtype)
+    radius = jnp.abs(jnp.concatenate([pad, betas])) + jnp.abs(
+        jnp.concatenate([betas, pad])
+    )
+    low = jnp.min(jnp.where(live, alphas - radius, jnp.inf))
+    low = jnp.where(jnp.isfinite(low), low, 0.0)
+    diag = jnp.where(live, alphas, low - 1.0 - jnp.abs(low))
+    tri = jnp.diag(diag) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
+    theta, s = jnp.linalg.eigh(tri)
+    genuine = jnp.sum(jnp.where(live[:, None], s * s, 0.0), axis=0) > 0.5
+    smallest = jnp.min(jnp.where(genuine, theta, jnp.inf))
+    smallest = jnp.where(jnp.isfinite(smallest), smallest, 0.0)
+    theta = jnp.where(genuine, theta, smallest)
+    return theta, jnp.where(genuine, s[0] ** 2, 0.0), s
+
+
+class Eigenpairs(NamedTuple):
+    """Top Ritz pairs and the one-probe quadrature rule of a Lanczos run.
+
+    Attributes:
+      values: ``[k]`` Ritz values, largest (algebraic) first.
+      vectors: pytree like ``params`` with a leading ``k`` axis, unit 2-norm.
+      ritz_values: ``[m]`` all Ritz values (eigenvalues of ``T``), ascending.
+      ritz_weights: ``[m]`` squared first components of ``T``'s eigenvectors (sum
+        to 1): the SLQ weights of the start vector.
+    """
+
+    values: Array
+    vectors: Any
+    ritz_values: Array
+    ritz_weights: Array
+
+
+def _flat_matvec(operator: Operator, like: dict) -> tuple[Callable, Array, Callable]:
+    flat, unravel = ravel_pytree(like)
+    return lambda x: ravel_pytree(operator(unravel(x)))[0], flat, unravel
+
+
+def top_eigenpairs(
+    operator: Operator, like: dict, key: Array, num_iters: int = 20, k: int = 1
+) -> Eigenpairs:
+    """Top-``k`` (largest algebraic) eigenpairs of a symmetric operator on pytrees.
+
+    Lanczos from a Gaussian start vector; with ``T = S diag(theta) S^T`` the Ritz
+    vectors are ``Q^T S`` (Golub & Van Loan 2013, Sec. 10.1.4). Extreme, well
+    separated eigenvalues converge first. If the Krylov space breaks down with
+    fewer than ``k`` dimensions, the missing pairs have zero vectors and repeat
+    the smallest Ritz value (with zero weight in ``ritz_weights``).
+
+    Args:
+      operator: ``v -> A v`` on pytrees like ``like`` (e.g. ``hessian_operator``).
+      like: pytree with the structure and dtype of the vectors (the params).
+      key: PRNG key for the start vector.
+      num_iters: Lanczos steps (operator products).
+      k: number of eigenpairs (at most ``num_iters``).
+    """
+    matvec, flat, unravel = _flat_matvec(operator, like)
+    v0 = jax.random.normal(key, flat.shape, flat.dtype)
+    result = lanczos_tridiagonal(matvec, v0, num_iters)
+    values, vectors, theta, weights = _top_ritz(result, k)
+    return Eigenpairs(values, jax.vmap(unravel)(vectors), theta, weights)
+
+
+@partial(jax.jit, static_argnums=1)
+def _top_ritz(result: LanczosResult, k: int) -> tuple[Array, Array, Array, Array]:
+    """The top ``k`` Ritz values and flat vectors ``Q^T s_j``, then ``_ritz``."""
+    theta, weights, s = _ritz(result)
+    top = s[:, ::-1][:, :k]
+    return theta[::-1][:k], top.T @ result.basis, theta, weights
+
+
+@jax.jit
+def spectral_density(
+    ritz_values: Array, ritz_weights: Array, grid: Array, sigma: float | Array
+) -> Array:
+    """Gaussian-broadened SLQ density ``sum_j w_j N(grid; theta_j, sigma^2)``.
+
+    (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019.) A leading probe axis
+    on ``ritz_values`` and ``ritz_weights`` is averaged. Integrates to ~1.
+    """
+    theta = jnp.reshape(ritz_values, (-1, ritz_values.shape[-1]))
+    weights = jnp.reshape(ritz_weights, theta.shape)
+    z = (grid[:, None, None] - theta) / sigma
+    gauss = jnp.exp(-0.5 * z * z) / (sigma * jnp.sqrt(2.0 * jnp.pi))
+    return jnp.mean(jnp.sum(weights * gauss, axis=-1), axis=-1)
+
+
+def slq_density(
+    operator: Operator,
+    like: dict,
+    key: Array,
+    grid: Array,
+    num_iters: int = 30,
+    n_probes: int = 4,
+    sigma: float | None = None,
+) -> Array:
+    """Stochastic Lanczos quadrature estimate of the spectral density on ``grid``.
+
+    ``phi(t) = E_z sum_j w_j(z) N(t; theta_j(z), sigma^2)`` over Rademacher starts
+    ``z``: ``(1/n) tr g(A) = E[z^T g(A) z] / n ~ sum_j w_j g(theta_j)`` (Lin, Saad &
+    Yang 2016; Ghorbani, Krishnan & Xiao 2019). Probes run one after another
+    (``lax.map``). ``sigma`` defaults to 1% of the Ritz-value range over probes,
+    at least ``eps * max |theta|`` and ``sqrt(tiny)``.
+    """
+    matvec, flat, _ = _flat_matvec(operator, like)
+
+    def probe(k):
+        z = jax.random.rademacher(k, flat.shape, flat.dtype)
+        theta, weights, _ = _ritz(lanczos_tridiagonal(matvec, z, num_iters))
+        return theta, weights
+
+    theta, weights = jax.lax.map(probe, jax.random.split(key, n_probes))
+    sigma = _default_sigma(theta) if sigma is None else sigma
+    return spectral_density(theta, weights, grid, sigma)
+
+
+@jax.jit
+def _default_sigma(theta: Array) -> Array:
+    """1% of the range of ``theta``, at least ``eps max |theta|`` and ``sqrt(tiny)``."""
+    info = jnp.finfo(theta.dtype)
+    spread = 0.01 * (jnp.max(theta) - jnp.min(theta))
+    floor = jnp.maximum(info.eps * jnp.max(jnp.abs(theta)), jnp.sqrt(info.tiny))
+    return jnp.maximum(spread, floor)

@@ -12,7 +12,11 @@ from optimizers.curvature import (
     curvature_operator,
     gauss_newton_operator,
     hessian_operator,
+    lanczos_tridiagonal,
+    slq_density,
+    spectral_density,
     structural_operator,
+    top_eigenpairs,
 )
 from tasks import make_task, sigmoid_cross_entropy
 from tasks.generators import marked_pair
@@ -160,3 +164,200 @@ def test_operator_is_linear_and_reuses_one_linearization():
     # The jitted closure compiles once and is reused for new vectors.
     matvec(jax.tree.map(lambda x: -x, v))
     assert matvec._cache_size() == 1
+
+
+# Lanczos, top eigenpairs and stochastic Lanczos quadrature against dense eigh.
+# Results go to NumPy before checking: every eager jnp op on a new shape compiles.
+
+KEY = jax.random.PRNGKey(11)
+
+
+def _dense_symmetric(eigenvalues, seed=0):
+    """``Q diag(lam) Q^T`` with a random orthogonal ``Q``, and ``Q``."""
+    n = len(eigenvalues)
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q * np.asarray(eigenvalues)) @ q.T, q
+
+
+def _pytree_operator(matrix):
+    """A two-leaf pytree ``like`` and ``v -> A v`` on it."""
+    n = matrix.shape[0]
+    like = {"a": jnp.zeros((n // 2,)), "b": jnp.zeros((n - n // 2, 1))}
+    _, unravel = ravel_pytree(like)
+    a = jnp.asarray(matrix)
+    return like, lambda v: unravel(a @ ravel_pytree(v)[0])
+
+
+def _numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _flat_vectors(vectors):
+    """``[k, n]`` from a pytree with a leading ``k`` axis (leaves in ravel order)."""
+    leaves = jax.tree.leaves(_numpy(vectors))
+    return np.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1)
+
+
+def _assert_same_up_to_sign(u, v, tol):
+    cos = np.abs(u @ v) / (np.linalg.norm(u) * np.linalg.norm(v))
+    assert cos > 1 - tol, cos
+
+
+def _start_vector(n):
+    """The start vector ``top_eigenpairs`` draws from ``KEY`` for a flat ``[n]``."""
+    z = np.asarray(jax.random.normal(KEY, (n,), jnp.float64))
+    return z / np.linalg.norm(z)
+
+
+def test_lanczos_tridiagonal_recovers_dense_spectrum():
+    with jax.enable_x64(True):
+        lam = np.random.default_rng(1).uniform(-5.0, 10.0, 30)
+        a, _ = _dense_symmetric(lam)
+        v0 = np.random.default_rng(2).standard_normal(30)
+        matvec = lambda x: jnp.asarray(a) @ x  # noqa: E731
+        result = _numpy(lanczos_tridiagonal(matvec, jnp.asarray(3.0 * v0), 30))
+        assert result.alphas.shape == (30,) and result.betas.shape == (29,)
+        t = (
+            np.diag(result.alphas)
+            + np.diag(result.betas, 1)
+            + np.diag(result.betas, -1)
+        )
+        np.testing.assert_allclose(np.linalg.eigvalsh(t), np.sort(lam), atol=1e-8)
+        np.testing.assert_allclose(
+            result.basis @ result.basis.T, np.eye(30), atol=1e-12
+        )
+        np.testing.assert_allclose(result.basis[0], v0 / np.linalg.norm(v0), atol=1e-14)
+        # Q A Q^T = T: the basis tridiagonalizes A.
+        np.testing.assert_allclose(result.basis @ a @ result.basis.T, t, atol=1e-10)
+
+
+def test_top_eigenpairs_converge_fast_on_separated_top():
+    with jax.enable_x64(True):
+        rest = np.random.default_rng(2).uniform(-1.0, 1.0, 197)
+        a, q = _dense_symmetric(np.concatenate([[100.0, 50.0, 20.0], rest]))
+        like, operator = _pytree_operator(a)
+        pairs = _numpy(top_eigenpairs(operator, like, KEY, num_iters=16, k=3))
+        np.testing.assert_allclose(pairs.values, [100.0, 50.0, 20.0], rtol=1e-6)
+        vectors = _flat_vectors(pairs.vectors)
+        for i in range(3):
+            _assert_same_up_to_sign(vectors[i], q[:, i], 1e-6)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-12)
+        assert pairs.ritz_values.shape == (16,)
+        assert np.all(np.diff(pairs.ritz_values) >= 0)
+        np.testing.assert_allclose(pairs.ritz_weights.sum(), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["softmax", "squared_error"])
+def test_top_eigenpairs_of_pytree_hessian(name):
+    with jax.enable_x64(True):
+        task, params, batch, _, n = _setup(name)
+        flat, unravel = ravel_pytree(params)
+        dense = jax.jit(jax.hessian(lambda f: task.loss(unravel(f), batch)))(flat)
+        values, vectors = np.linalg.eigh(np.asarray(dense))
+        # Linearized inside jit, as the analysis does (eager linearization is slow).
+        top = jax.jit(
+            lambda p: top_eigenpairs(hessian_operator(task, p, batch), p, KEY, n, k=2)
+        )
+        pairs = _numpy(top(params))
+        np.testing.assert_allclose(pairs.values, values[::-1][:2], rtol=1e-8)
+        assert jax.tree.structure(pairs.vectors) == jax.tree.structure(params)
+        for leaf, p in zip(
+            jax.tree.leaves(pairs.vectors), jax.tree.leaves(params), strict=True
+        ):
+            assert leaf.shape == (2, *p.shape)
+        _assert_same_up_to_sign(_flat_vectors(pairs.vectors)[0], vectors[:, -1], 1e-8)
+
+
+def test_lanczos_breakdown_is_finite_and_exact():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        u, w = np.linalg.qr(rng.standard_normal((10, 2)))[0].T
+        a = 3.0 * np.outer(u, u) - np.outer(w, w)  # rank 2: Krylov dimension 3
+        matvec = lambda x: jnp.asarray(a) @ x  # noqa: E731
+        # A generic start vector and a zero one, which breaks down at once.
+        starts = jnp.asarray(np.stack([rng.standard_normal(10), np.zeros(10)]))
+        result = _numpy(jax.vmap(lambda v: lanczos_tridiagonal(matvec, v, 8))(starts))
+        assert all(np.all(np.isfinite(x)) for x in result)
+        np.testing.assert_array_equal(result.basis[0, 3:], 0.0)
+        np.testing.assert_array_equal(result.alphas[0, 3:], 0.0)
+        np.testing.assert_array_equal(result.betas[0, 2:], 0.0)
+        assert all(np.all(x[1] == 0) for x in result)
+        like, operator = _pytree_operator(a)
+        pairs = _numpy(top_eigenpairs(operator, like, KEY, num_iters=8, k=4))
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(pairs))
+        np.testing.assert_allclose(pairs.values[:3], [3.0, 0.0, -1.0], atol=1e-12)
+        vectors = _flat_vectors(pairs.vectors)
+        _assert_same_up_to_sign(vectors[0], u, 1e-12)
+        np.testing.assert_array_equal(vectors[3], 0.0)  # no 4th Krylov direction
+        # The quadrature rule is still exact: weights are the squared projections.
+        z = _start_vector(10)
+        genuine = pairs.ritz_weights > 0
+        np.testing.assert_allclose(
+            pairs.ritz_values[genuine], [-1.0, 0.0, 3.0], atol=1e-12
+        )
+        expect = [(w @ z) ** 2, 1 - (u @ z) ** 2 - (w @ z) ** 2, (u @ z) ** 2]
+        np.testing.assert_allclose(pairs.ritz_weights[genuine], expect, rtol=1e-10)
+        # A zero operator breaks down at once, with the default (floored) sigma.
+        zero = lambda v: jax.tree.map(jnp.zeros_like, v)  # noqa: E731
+        density = slq_density(zero, like, KEY, np.linspace(-1.0, 1.0, 5), 8)
+        assert np.all(np.isfinite(density))
+
+
+def test_spectral_density_single_probe_matches_dense():
+    with jax.enable_x64(True):
+        lam = np.linspace(-3.0, 5.0, 12)
+        a, q = _dense_symmetric(lam, seed=5)
+        like, operator = _pytree_operator(a)
+        pairs = _numpy(top_eigenpairs(operator, like, KEY, num_iters=12))
+        weights = (q.T @ _start_vector(12)) ** 2
+        np.testing.assert_allclose(pairs.ritz_values, lam, atol=1e-10)
+        np.testing.assert_allclose(pairs.ritz_weights, weights, atol=1e-10)
+        theta, w = pairs.ritz_values, pairs.ritz_weights
+        grid = np.linspace(-10.0, 12.0, 4001)
+        density = np.asarray(spectral_density(theta, w, grid, 0.3))
+        np.testing.assert_allclose(np.trapezoid(density, grid), 1.0, rtol=1e-8)
+        # With a tiny sigma, the mass near each eigenvalue is its weight.
+        local = lam[:, None] + np.linspace(-0.05, 0.05, 2001)
+        sharp = np.asarray(spectral_density(theta, w, local.ravel(), 1e-3))
+        mass = np.trapezoid(sharp.reshape(local.shape), local, axis=1)
+        np.testing.assert_allclose(mass, weights, rtol=1e-6, atol=1e-12)
+        # A leading probe axis is averaged.
+        stacked = spectral_density(np.stack([theta] * 3), np.stack([w] * 3), grid, 0.3)
+        np.testing.assert_allclose(stacked, density, rtol=1e-12)
+
+
+def test_slq_density_approaches_eigenvalue_histogram():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(6)
+        lam = np.concatenate([rng.uniform(-2.0, -1.0, 30), rng.uniform(1.0, 3.0, 70)])
+        a, _ = _dense_symmetric(lam, seed=7)
+        like, operator = _pytree_operator(a)
+        grid = np.linspace(-4.0, 5.0, 2001)
+        density = slq_density(operator, like, KEY, grid, num_iters=16, n_probes=32)
+        density = np.asarray(density)
+        np.testing.assert_allclose(np.trapezoid(density, grid), 1.0, rtol=1e-6)
+        mass = np.trapezoid(np.where(grid < 0.0, density, 0.0), grid)
+        assert abs(mass - 0.3) < 0.1, mass
+
+
+def test_lanczos_jit_and_vmap():
+    with jax.enable_x64(True):
+        a, _ = _dense_symmetric(np.linspace(-1.0, 4.0, 16), seed=8)
+        like, operator = _pytree_operator(a)
+        top = jax.jit(top_eigenpairs, static_argnames=("operator", "num_iters", "k"))
+        first = top(operator, like, KEY, num_iters=16, k=2)
+        compiled = top._cache_size()
+        top(operator, like, jax.random.PRNGKey(9), num_iters=16, k=2)
+        assert top._cache_size() == compiled  # a new key does not recompile
+        np.testing.assert_allclose(first.values, [4.0, 4.0 - 5.0 / 15], rtol=1e-10)
+        matvec = lambda x: jnp.asarray(a) @ x  # noqa: E731
+        starts = np.random.default_rng(9).standard_normal((3, 16))
+        starts[1] = np.linalg.eigh(a)[1][:, 0]  # an eigenvector: breaks down at once
+        batched = jax.vmap(lambda v: lanczos_tridiagonal(matvec, v, 8))(starts)
+        batched = _numpy(batched)
+        single = jax.jit(lanczos_tridiagonal, static_argnums=(0, 2))
+        for i in range(3):
+            for x, y in zip(batched, single(matvec, starts[i], 8), strict=True):
+                np.testing.assert_allclose(x[i], y, atol=1e-12)
+        np.testing.assert_array_equal(batched.basis[1, 1:], 0.0)
