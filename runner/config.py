@@ -52,6 +52,11 @@ RUN_KEYS = {
     "curvature_batch_size": int,
     "checkpoint_every": int,
     "record_steps": bool,
+    "probe_every": int,
+    "probe_events": int,
+    "explosion_factor": int | float,
+    "lanczos_iters": int,
+    "record_params": bool,
 }
 TOP_KEYS = ("name", "description", "out", "task", "optimizer", *RUN_KEYS)
 

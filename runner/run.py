@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pandas as pd
 
+from analysis.probes import ProbeConfig, check_probe_config, probe, probe_rows
 from optimizers.base import gradient_equivalents
 from optimizers.registry import check_optimizer, resolve_optimizer, traced_names
 from runner import store
@@ -37,6 +38,7 @@ class RunResult(NamedTuple):
     summary: pd.DataFrame  # one row per seed
     params: Any  # final parameters, leading seed axis
     path: Path | None  # the run file
+    probes: pd.DataFrame = pd.DataFrame()  # one row per seed and curvature probe
 
 
 class OptimizerSpec(NamedTuple):
@@ -70,8 +72,10 @@ def optimizer_spec(optimizer: Any, hparams: dict | None = None) -> OptimizerSpec
     return OptimizerSpec(optimizer, resolve_optimizer(optimizer), static, traced)
 
 
-def _program(task, spec, chunk_steps, eval_size, curv_size, n_seeds, probe_args):
+def _program(task, spec, chunk_steps, eval_size, curv_size, n_seeds, probe_args,
+             options):  # fmt: skip
     key = (
+        options,
         id(task),
         spec.name,
         id(spec.factory),
@@ -83,7 +87,9 @@ def _program(task, spec, chunk_steps, eval_size, curv_size, n_seeds, probe_args)
         n_seeds,
     )
     if key not in _PROGRAMS:
-        program = build_program(task, spec.build, chunk_steps, eval_size, curv_size)
+        program = build_program(
+            task, spec.build, chunk_steps, eval_size, curv_size, *options
+        )
         state_shape = jax.eval_shape(program.init, *probe_args)
         compiled = Program(
             init=program.init.lower(*probe_args).compile(),
@@ -136,6 +142,11 @@ def run(
     curvature_batch_size: int | None = None,
     checkpoint_every: int | None = None,
     record_steps: bool = True,
+    probe_every: int | None = None,
+    probe_events: int = 2,
+    explosion_factor: float = 5.0,
+    lanczos_iters: int = 20,
+    record_params: bool = False,
     out: str | Path | None = None,
     progress: Any = None,
     skip_existing: bool = False,
@@ -156,6 +167,18 @@ def run(
       checkpoint_every: save parameters every this many steps (multiple of
         ``eval_every``).
       record_steps: keep per-step traces (``<run>.steps.npz``).
+      probe_every: run the curvature probes of :mod:`analysis.probes` on every
+        live seed at step 0 and every this many steps (a multiple of
+        ``eval_every``; None: no probes). Rows go to the run file's ``probes``.
+      probe_events: with ``probe_every``, also probe the first this many
+        explosions of each seed in every chunk, at the parameters and on the batch
+        where the gradient exploded (0: periodic probes only).
+      explosion_factor: a step explodes when its gradient norm exceeds this factor
+        times the running average of the previous norms (every run counts them:
+        ``explosion_rate`` in the records).
+      lanczos_iters: Hessian-vector products per probe's Lanczos run.
+      record_params: add every parameter entry to the per-step traces (for small
+        models, e.g. the wall's trajectories; at most ``MAX_RECORDED_PARAMS``).
       out: comparison directory to write the run file into (None: do not write).
       progress: a tqdm-like bar updated with steps, loss and seeds solved.
       skip_existing: if ``out`` already holds this configuration's run file, load it
@@ -171,6 +194,10 @@ def run(
     spec = optimizer_spec(optimizer, opt_hparams)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     _check_run_args(seed_list, steps, eval_every, eval_size, checkpoint_every)
+    prober = _check_probe_args(
+        task, eval_every, probe_every, probe_events, explosion_factor, lanczos_iters,
+        record_params,
+    )  # fmt: skip
     config = {
         "task": task.describe(),
         "optimizer": {"name": spec.name, "hparams": {**spec.static, **spec.traced}},
@@ -181,6 +208,13 @@ def run(
         "eval_size": eval_size,
         "curvature_batch_size": curvature_batch_size,
     }
+    if probe_every is not None:
+        config["probes"] = {
+            "probe_every": probe_every,
+            "probe_events": probe_events,
+            "explosion_factor": explosion_factor,
+            "lanczos_iters": lanczos_iters,
+        }
     config["run_id"] = run_id_for(config)
     out_dir = Path(out) if out is not None else None
     if skip_existing and out_dir is not None:
@@ -194,19 +228,22 @@ def run(
     program = _program(
         task, spec, eval_every, eval_size, curvature_batch_size, len(seed_list),
         (train_keys, hparams),
+        (float(explosion_factor), probe_events if prober else 0, record_params),
     )  # fmt: skip
     compile_seconds = time.perf_counter() - start
     state, seconds = timed(program.init, train_keys, hparams)
 
-    records, traces = [], []
+    records, traces, probes = [], [], []
     solved_at = {}  # seed index -> (updates, seconds)
+    if prober is not None:
+        probes += _periodic_probes(prober, seed_list, state, eval_keys, 0)
     n_chunks = -(-steps // eval_every)
     for chunk in range(n_chunks):
         chunk_eval_keys = jax.vmap(lambda k, c=chunk: jax.random.fold_in(k, c))(
             eval_keys
         )
         was_active = np.asarray(state.active)
-        (state, summary, trace), dt = timed(
+        (state, summary, trace, events), dt = timed(
             program.chunk,
             state,
             hparams,
@@ -215,6 +252,15 @@ def run(
             jnp.int32(chunk * eval_every),
         )
         seconds += dt
+        if prober is not None:
+            start_probes = time.perf_counter()
+            probes += _event_probes(prober, seed_list, events)
+            step = min((chunk + 1) * eval_every, steps)
+            if step % probe_every == 0:
+                probes += _periodic_probes(
+                    prober, seed_list, state, eval_keys, step, was_active
+                )
+            seconds += time.perf_counter() - start_probes
         summary = jax.tree.map(np.asarray, summary)
         if record_steps:
             traces.append({k: np.asarray(v) for k, v in trace.items()})
@@ -249,6 +295,7 @@ def run(
         summary=pd.DataFrame(summary_rows),
         params=jax.tree.map(np.asarray, state.params),
         path=None,
+        probes=pd.DataFrame(probes),
     )
     if out_dir is None:
         return result
@@ -269,6 +316,7 @@ def run(
         "versions": {"jax": jax.__version__, "optax": optax.__version__},
         "summary": summary_rows,
         "records": records,
+        "probes": probes,
     }
     store.write_json(path, payload)
     return result._replace(path=path)
@@ -284,6 +332,7 @@ def load_result(path: str | Path) -> RunResult:
         summary=pd.DataFrame(payload["summary"]),
         params=store.load_params(path),
         path=path,
+        probes=pd.DataFrame(payload.get("probes", [])),
     )
 
 
@@ -304,6 +353,97 @@ def _check_run_args(seeds, steps, eval_every, eval_size, checkpoint_every) -> No
             f"'checkpoint_every' = {checkpoint_every} must be a positive multiple of "
             f"'eval_every' = {eval_every}"
         )
+
+
+MAX_RECORDED_PARAMS = 64
+
+
+def _check_probe_args(task, eval_every, probe_every, probe_events, factor, iters,
+                      record_params):  # fmt: skip
+    """Validate the probe settings; the probe function, or None without probes."""
+    if not isinstance(factor, int | float) or isinstance(factor, bool) or factor <= 1:
+        raise ConfigError(f"'explosion_factor' must be a number > 1, got {factor!r}")
+    if record_params:
+        n_params = sum(
+            int(np.prod(s.shape))
+            for s in jax.tree.leaves(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
+        )
+        if n_params > MAX_RECORDED_PARAMS:
+            raise ConfigError(
+                f"'record_params' is for small models (at most "
+                f"{MAX_RECORDED_PARAMS} parameters); this task has {n_params}"
+            )
+    if probe_every is None:
+        return None
+    if not isinstance(probe_every, int) or probe_every < 1 or probe_every % eval_every:
+        raise ConfigError(
+            f"'probe_every' = {probe_every!r} must be a positive multiple of "
+            f"'eval_every' = {eval_every}"
+        )
+    if not isinstance(probe_events, int) or probe_events < 0:
+        raise ConfigError(
+            f"'probe_events' must be a non-negative integer, got {probe_events!r}"
+        )
+    return cached_probe(task, ProbeConfig(lanczos_iters=iters))
+
+
+_PROBES: dict[tuple, Any] = {}
+
+
+def cached_probe(task: Task, config: ProbeConfig):
+    """``jit(params, batch_key, probe_key) -> probe`` of a task, compiled once.
+
+    The batch is sampled inside the compiled function from ``batch_key``: the same
+    batch the training step drew from that key.
+    """
+    key = (id(task), config)
+    if key not in _PROBES:
+        check_probe_config(config)
+
+        def at(params, batch_key, probe_key):
+            batch = task.sample_batch(batch_key)
+            return probe(task, params, batch, probe_key, config)
+
+        _PROBES[key] = (task, jax.jit(at))
+    return _PROBES[key][1]
+
+
+def _probe_one(prober, params, i, batch_key, probe_key, **columns) -> list[dict]:
+    values = prober(jax.tree.map(lambda p: p[i], params), batch_key, probe_key)
+    return probe_rows(jax.tree.map(lambda v: np.asarray(v)[None], values), **columns)
+
+
+def _periodic_probes(prober, seeds, state, eval_keys, step, was_active=None):
+    """Probe every seed that was live in the chunk, on a fresh batch."""
+    rows = []
+    keys = np.asarray(
+        jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, 11 + step)))(
+            eval_keys
+        )
+    )
+    for i, seed in enumerate(seeds):
+        if was_active is None or was_active[i]:
+            rows += _probe_one(
+                prober, state.params, i, keys[i, 0], keys[i, 1],
+                seed=seed, step=step, kind="periodic",
+            )  # fmt: skip
+    return rows
+
+
+def _event_probes(prober, seeds, events):
+    """Probe the kept explosions where they happened (same params, same batch)."""
+    rows = []
+    steps = np.asarray(events.step)
+    batch_keys = np.asarray(events.batch_key)
+    for i, seed in enumerate(seeds):
+        for j in np.flatnonzero(steps[i] >= 0):
+            params = jax.tree.map(lambda p, i=i: p[i], events.params)
+            probe_key = np.asarray(jax.random.fold_in(batch_keys[i, j], 1))
+            rows += _probe_one(
+                prober, params, j, batch_keys[i, j], probe_key,
+                seed=seed, step=int(steps[i, j]), kind="explosion",
+            )  # fmt: skip
+    return rows
 
 
 def _success_tests(task, program, state, summary, was_active):

@@ -2,8 +2,9 @@
 
 Layout of a comparison directory::
 
-    <run_id>.json          config, per-seed summary and tidy records (one row per
-                           seed and evaluation step)
+    <run_id>.json          config, per-seed summary, tidy records (one row per
+                           seed and evaluation step) and curvature probes (one row
+                           per seed and probe)
     <run_id>.steps.npz     per-step traces, arrays [seed, step]
     <run_id>.params.npz    final parameters, leading seed axis
     <run_id>.ckpt/step_<N>.npz   checkpoints every N steps (on request)
@@ -26,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 RUN_SUFFIX = ".json"
+#: JSON files in a results directory that are not runs (growth experiments).
+OTHER_SUFFIXES = (".growth.json",)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -94,7 +97,11 @@ def run_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"no results at {path}")
-    return sorted(p for p in path.glob(f"*{RUN_SUFFIX}") if not p.name.startswith("."))
+    return sorted(
+        p
+        for p in path.glob(f"*{RUN_SUFFIX}")
+        if not p.name.startswith(".") and not p.name.endswith(OTHER_SUFFIXES)
+    )
 
 
 def read_run(path: str | Path) -> dict:
@@ -122,7 +129,9 @@ def _frame(path: str | Path, field: str) -> pd.DataFrame:
     frames = []
     for file in run_files(path):
         run = read_run(file)
-        rows = pd.DataFrame(run[field])
+        rows = pd.DataFrame(run.get(field, []))
+        if rows.empty:
+            continue
         for key, value in config_columns(run["config"]).items():
             rows[key] = [value] * len(rows)
         frames.append(rows)
@@ -139,6 +148,16 @@ def load(path: str | Path) -> pd.DataFrame:
 def load_summary(path: str | Path) -> pd.DataFrame:
     """Per-seed outcomes (status, steps and seconds to solve, ...) of a comparison."""
     return _frame(path, "summary")
+
+
+def load_probes(path: str | Path) -> pd.DataFrame:
+    """Curvature probes (one row per run, seed and probe) of a comparison.
+
+    Columns: the run's configuration, ``seed``, ``step``, ``kind`` (``"periodic"``
+    or ``"explosion"``) and the quantities of :func:`analysis.probes.probe`. Empty
+    when no run was probed.
+    """
+    return _frame(path, "probes")
 
 
 def load_steps(run_file: str | Path) -> pd.DataFrame:

@@ -8,6 +8,13 @@ error rate is below the task's threshold get the full success test (10,000 fresh
 sequences, in chunks). A solved seed stops updating (its steps-to-solve is recorded); a
 seed whose loss becomes non-finite is marked diverged at that step. Neither stops the
 other seeds, and nothing raises.
+
+Every step also flags an *explosion*: a gradient norm above ``explosion_factor``
+times the running average (an exponential moving average, weight
+``EXPLOSION_BETA``, of the previous finite norms, after ``EXPLOSION_WARMUP``
+steps). With ``event_slots > 0`` the chunk keeps the parameters and batch key of
+the first ``event_slots`` explosions of each seed, so that they can be probed
+afterwards (:mod:`analysis.probes`) exactly where the wall was hit.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from tasks.base import Task
 
 Array = jax.Array
 SUCCESS_CHUNK = 1000  # sequences per forward pass in the success test
+EXPLOSION_BETA = 0.95  # weight of the running average of gradient norms
+EXPLOSION_WARMUP = 10  # finite norms averaged before explosions are flagged
 
 
 class SeedState(NamedTuple):
@@ -44,6 +53,17 @@ class SeedState(NamedTuple):
     grad_evals: Array  # gradients computed by the runner for this seed
     active: Array  # neither solved nor diverged
     diverged_step: Array  # -1 or the update at which the loss became non-finite
+    norm_avg: Array  # running average of finite gradient norms (explosion test)
+    norm_seen: Array  # finite gradient norms averaged so far
+
+
+class Events(NamedTuple):
+    """The explosions of one chunk kept for probing (per seed, ``slots`` of them)."""
+
+    params: Any  # parameters before the exploding update, leading slot axis
+    batch_key: Array  # [slots, 2] key of the batch the gradient exploded on
+    step: Array  # [slots] global step, -1 for an empty slot
+    count: Array  # explosions seen in this chunk (may exceed the slots)
 
 
 class Program(NamedTuple):
@@ -64,8 +84,24 @@ def build_program(
     chunk_steps: int,
     eval_size: int,
     curvature_batch_size: int | None,
+    explosion_factor: float = 5.0,
+    event_slots: int = 0,
+    record_params: bool = False,
 ) -> Program:
-    """Trace and jit (not yet compile) the init, chunk and success functions."""
+    """Trace and jit (not yet compile) the init, chunk and success functions.
+
+    Args:
+      task: the task.
+      build_optimizer: traced hyperparameters -> transformation.
+      chunk_steps: steps per compiled chunk (the evaluation interval).
+      eval_size: sequences per evaluation.
+      curvature_batch_size: curvature minibatch size (None: the task's).
+      explosion_factor: a step explodes when its gradient norm exceeds this factor
+        times the running average.
+      event_slots: explosions per seed and chunk whose point is kept (0: none).
+      record_params: add every parameter entry (before the update) to the
+        per-step trace as ``param_<name>[_<i>]``: trajectories of small models.
+    """
 
     def init_one(key, hparams):
         k_init, k_train = jax.random.split(key)
@@ -73,10 +109,11 @@ def build_program(
         opt_state = build_optimizer(hparams).init(params)
         zero = jnp.zeros((), jnp.int32)
         return SeedState(
-            params, opt_state, k_train, zero, zero, zero, jnp.array(True), zero - 1
-        )
+            params, opt_state, k_train, zero, zero, zero, jnp.array(True), zero - 1,
+            jnp.zeros((), jnp.float32), zero,
+        )  # fmt: skip
 
-    def train_step(state: SeedState, hparams, step_limit, step):
+    def train_step(state: SeedState, events: Events, hparams, step_limit, step):
         key, k_batch, k_curv, k_opt = jax.random.split(state.key, 4)
         batch = task.sample_batch(k_batch)
         curv = task.sample_batch(k_curv, curvature_batch_size)
@@ -98,6 +135,20 @@ def build_program(
         finite = jnp.isfinite(loss)
         apply = live & finite
         diverged = live & ~finite
+        norm = optax.tree_utils.tree_norm(grads).astype(jnp.float32)
+        counted = live & jnp.isfinite(norm)
+        explosion = (
+            counted
+            & (state.norm_seen >= EXPLOSION_WARMUP)
+            & (norm > explosion_factor * state.norm_avg)
+        )
+        norm_avg = jnp.where(
+            state.norm_seen > 0,
+            EXPLOSION_BETA * state.norm_avg + (1 - EXPLOSION_BETA) * norm,
+            norm,
+        )
+        if event_slots:
+            events = _keep_event(events, explosion, state.params, k_batch, step)
         new_state = SeedState(
             params=_select(apply, params, state.params),
             opt_state=_select(apply, opt_state, state.opt_state),
@@ -107,21 +158,31 @@ def build_program(
             grad_evals=state.grad_evals + live,
             active=state.active & ~diverged,
             diverged_step=jnp.where(diverged, state.updates, state.diverged_step),
+            norm_avg=jnp.where(counted, norm_avg, state.norm_avg),
+            norm_seen=state.norm_seen + counted,
         )
         trace = {
             "live": live,
             "loss": loss,
-            "grad_norm": optax.tree_utils.tree_norm(grads),
+            "grad_norm": norm,
+            "explosion": explosion,
             **collect_records(opt_state),
         }
-        return new_state, trace
+        if record_params:
+            trace.update(_param_entries(state.params))
+        return new_state, events, trace
 
     def chunk_one(state: SeedState, hparams, eval_key, step_limit, first_step):
         # The global step index is not vmapped: gates on it (re-estimate curvature
         # every k steps) stay real branches under the seed vmap.
         steps = first_step + jnp.arange(chunk_steps, dtype=jnp.int32)
-        state, trace = jax.lax.scan(
-            lambda s, t: train_step(s, hparams, step_limit, t), state, steps
+
+        def body(carry, t):
+            s, e, trace = train_step(*carry, hparams, step_limit, t)
+            return (s, e), trace
+
+        (state, events), trace = jax.lax.scan(
+            body, (state, _empty_events(state.params, event_slots)), steps
         )
         live = trace["live"]
         n_live = jnp.maximum(jnp.sum(live), 1)
@@ -136,7 +197,7 @@ def build_program(
             "grad_norm_max": jnp.max(jnp.where(live, trace["grad_norm"], -jnp.inf)),
         }
         for name, values in trace.items():
-            if name in ("live", "loss", "grad_norm"):
+            if name in ("live", "loss", "grad_norm") or name.startswith("param_"):
                 continue
             suffix = "_rate" if values.dtype == jnp.bool_ else "_mean"
             summary[name + suffix] = live_mean(values)
@@ -148,7 +209,7 @@ def build_program(
         summary["grad_evals"] = state.grad_evals + work.grad_evals
         summary["fun_evals"] = work.fun_evals
         summary["curvature_products"] = work.curvature_products
-        return state, summary, trace
+        return state, summary, trace, events
 
     def init_all(seed_keys, hparams):
         return jax.vmap(init_one, in_axes=(0, None))(seed_keys, hparams)
@@ -172,6 +233,44 @@ def build_program(
         chunk=jax.jit(chunk_all, donate_argnums=0),
         success=jax.jit(success_one),
     )
+
+
+def _empty_events(params: Any, slots: int) -> Events:
+    return Events(
+        params=jax.tree.map(lambda p: jnp.zeros((slots, *p.shape), p.dtype), params),
+        batch_key=jnp.zeros((slots, 2), jnp.uint32),
+        step=jnp.full((slots,), -1, jnp.int32),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def _keep_event(events: Events, flag: Array, params: Any, key: Array, step) -> Events:
+    """Store ``(params, key, step)`` in the next free slot when ``flag``."""
+    slot = jnp.minimum(events.count, events.step.shape[0] - 1)
+    write = flag & (events.count < events.step.shape[0])
+
+    def put(buffer, value):
+        return buffer.at[slot].set(jnp.where(write, value, buffer[slot]))
+
+    return Events(
+        params=jax.tree.map(put, events.params, params),
+        batch_key=put(events.batch_key, key),
+        step=put(events.step, step),
+        count=events.count + flag,
+    )
+
+
+def _param_entries(params: Any) -> dict[str, Array]:
+    """``{"param_<path>[_<i>]": scalar}`` for every entry of a small model."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "param_" + "_".join(str(getattr(k, "key", k)) for k in path)
+        flat = leaf.reshape(-1)
+        if flat.shape[0] == 1:
+            out[name] = flat[0]
+        else:
+            out.update({f"{name}_{i}": flat[i] for i in range(flat.shape[0])})
+    return out
 
 
 def spectral_radii(task: Task, params: Any) -> np.ndarray:
