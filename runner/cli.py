@@ -4,6 +4,9 @@
     curvbench run --task T --optimizer O    train one configuration over seeds
     curvbench compare FILE.toml             run a comparison grid, print its table
     curvbench show DIR                      print the comparison table of a results dir
+    curvbench growth --task T --lengths ... curvature/gradient growth experiment
+    curvbench report DIR                    one self-contained HTML page of a dir
+    curvbench plot NAME DIR                 one figure of a dir (PNG and SVG)
 
 Bad input (unknown names, misspelled or out-of-range hyperparameters, malformed TOML)
 prints one line naming the field and the valid choices and exits with status 2, before
@@ -46,7 +49,10 @@ def _cmd_optimizers(args) -> int:
 
 def _run_args(args) -> dict:
     out = {}
-    for name in ("steps", "eval_every", "eval_size", "curvature_batch_size"):
+    for name in (
+        "steps", "eval_every", "eval_size", "curvature_batch_size", "probe_every",
+        "explosion_factor",
+    ):  # fmt: skip
         value = getattr(args, name, None)
         if value is not None:
             out[name] = value
@@ -100,6 +106,73 @@ def _cmd_show(args) -> int:
     return 0
 
 
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+
+
+def _cmd_growth(args) -> int:
+    from analysis.curvature_plots import growth_plot, ratio_vs_x
+
+    from analysis.growth import growth_experiment
+    from analysis.plots import save_figure
+    from analysis.probes import ProbeConfig
+    from runner.config import parse_assignments
+
+    if (args.lengths is None) == (args.radii is None):
+        raise ConfigError("give exactly one of --lengths and --radii")
+    if args.task is None and args.run is None:
+        raise ConfigError("give --task or --run")
+    x = "length" if args.lengths is not None else "radius"
+    values = args.lengths if x == "length" else args.radii
+    rows, fits, path = growth_experiment(
+        args.task, x, values, name=args.name, out=args.out, run_file=args.run,
+        step=args.step, task_hparams=parse_assignments(args.task_param, "--task-param"),
+        seeds=range(args.seeds), batches=args.batches, radius=args.radius,
+        config=ProbeConfig(lanczos_iters=args.lanczos_iters),
+    )  # fmt: skip
+    shown = fits[["init", "source", "kind", "quantity", "x", "slope", "slope_low",
+                  "slope_high", "n"]]  # fmt: skip
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    stem = path.with_name(path.name.removesuffix(".growth.json"))
+    for suffix, fig in (
+        ("", growth_plot(rows, fits, x=x)),
+        ("-ratio", ratio_vs_x(rows, x=x)),
+    ):
+        save_figure(fig, stem.with_name(stem.name + suffix))
+    print(f"\nresults: {path} (figures: {stem}.png, {stem}-ratio.png)")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from analysis.report import write_report
+
+    print(write_report(args.dir, out=args.out, title=args.title))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from analysis.report import FIGURES
+
+    from analysis.plots import save_figure
+
+    if args.name not in FIGURES:
+        raise ConfigError(f"unknown plot {args.name!r}; choose from {sorted(FIGURES)}")
+    if not Path(args.dir).exists():
+        raise ConfigError(f"results directory {args.dir!r} does not exist")
+    fig = FIGURES[args.name](Path(args.dir))
+    if fig is None:
+        raise ConfigError(f"{args.dir} has no data for the {args.name!r} plot")
+    stem = Path(args.out) if args.out else Path(args.dir) / args.name
+    for path in save_figure(fig, stem, formats=tuple(args.format)):
+        print(path)
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -127,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--curvature-batch-size", type=_positive)
         p.add_argument("--out", help="results directory (default: results/<name>)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--probe-every", type=_positive,
+            help="curvature probes every N steps (multiple of --eval-every)",
+        )  # fmt: skip
+        p.add_argument(
+            "--explosion-factor", type=float,
+            help="explosion: grad norm above this factor x running average",
+        )  # fmt: skip
 
     run = sub.add_parser("run", help="train one task/optimizer over several seeds")
     run.add_argument("--task", required=True)
@@ -148,6 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the comparison table of a results dir")
     show.add_argument("dir")
     show.add_argument("--markdown", action="store_true", help="print a Markdown table")
+
+    growth = sub.add_parser("growth", help="curvature vs gradient growth experiment")
+    growth.add_argument("--task", help="registered task (or take it from --run)")
+    growth.add_argument(
+        "--task-param", "-t", action="append", metavar="NAME=VALUE", help="repeatable"
+    )
+    growth.add_argument("--lengths", type=_numbers, help="e.g. 10,20,40,80")
+    growth.add_argument("--radii", type=_numbers, help="spectral radii of W_rec")
+    growth.add_argument(
+        "--radius", type=float, help="with --lengths: rescale W_rec to this radius"
+    )
+    growth.add_argument("--run", help="a run file: probe its saved parameters")
+    growth.add_argument("--step", type=int, help="with --run: a checkpoint step")
+    growth.add_argument("--seeds", type=_positive, default=5)
+    growth.add_argument("--batches", type=_positive, default=4, help="per seed")
+    growth.add_argument("--lanczos-iters", type=_positive, default=20)
+    growth.add_argument("--name", help="file name (default: task-init-x)")
+    growth.add_argument("--out", default="results/growth", help="results directory")
+
+    report = sub.add_parser("report", help="write a self-contained HTML report")
+    report.add_argument("dir")
+    report.add_argument("--out", help="HTML file (default: DIR/report.html)")
+    report.add_argument("--title")
+
+    plot = sub.add_parser("plot", help="save one figure of a results directory")
+    plot.add_argument("name", help="training, traces, curvature, wall, growth, ...")
+    plot.add_argument("dir")
+    plot.add_argument("--out", help="file stem (default: DIR/NAME)")
+    plot.add_argument(
+        "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"]
+    )
     return parser
 
 
@@ -157,6 +269,9 @@ COMMANDS = {
     "run": _cmd_run,
     "compare": _cmd_compare,
     "show": _cmd_show,
+    "growth": _cmd_growth,
+    "report": _cmd_report,
+    "plot": _cmd_plot,
 }
 
 
