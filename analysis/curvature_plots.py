@@ -1,0 +1,328 @@
+"""Curvature plots: curvature against gradient norm, growth with length, spectra.
+
+Pascanu, Mikolov & Bengio (ICML 2013) argue that where the gradient explodes along
+``u = g / ||g||`` the curvature ``c = u^T H u`` explodes with it; if both grow at the
+same rate the Newton step ``||g|| / |c|`` stays bounded (slope 1 of ``log|c|`` against
+``log||g||``). These figures show the measurements of :mod:`analysis.probes` (probes
+along training runs) and :mod:`analysis.growth` (growth experiments), with the fits of
+:mod:`analysis.fit` drawn on top:
+
+- :func:`curvature_ratio`: ``|c|`` and the local smoothness against ``||g||``;
+- :func:`ratio_vs_x`: the curvature ratio ``|c| / ||g||`` against length or radius;
+- :func:`growth_plot`: ``||g||``, ``|c_H|`` and ``c_G`` against length or radius with
+  the fitted exponential growth rates;
+- :func:`spectrum_plot`: the Hessian spectral density (stochastic Lanczos quadrature)
+  and the top eigenvalue along training.
+
+Logarithms in fits are natural: a rate ``r`` means ``|q| ~ C exp(r x)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from analysis.fit import fit_smoothness, loglog_slope
+from analysis.plots import (
+    LABELS,
+    Palette,
+    band_text,
+    finite,
+    log_if_positive,
+    new_figure,
+    optimizer_palette,
+    panel_groups,
+    require_columns,
+)
+
+#: Curvature choices of :func:`curvature_ratio`: column and axis label.
+CURVATURES = {
+    "hessian": ("curv_hessian", r"$|u^\top H u|$, Hessian curvature along $u$"),
+    "gauss_newton": ("curv_gn", r"$u^\top G u$, Gauss-Newton curvature along $u$"),
+}
+GRAD_LABEL = r"gradient norm $||g||$"
+#: Growth quantities: column, legend name, colour.
+GROWTH = (
+    ("grad_norm", r"$||g||$", "C0"),
+    ("curv_hessian", r"$|u^\top H u|$", "C3"),
+    ("curv_gn", r"$u^\top G u$", "C2"),
+)
+RATIOS = {
+    "ratio_hessian": r"Hessian $|u^\top H u| / ||g||$",
+    "ratio_gn": r"Gauss-Newton $u^\top G u / ||g||$",
+}
+_PER = {"length": "per time step", "radius": r"per unit $\rho$"}
+
+
+def _ci(fit, fmt: str = ".2f") -> str:
+    if np.isfinite(fit.slope_low) and np.isfinite(fit.slope_high):
+        return f"{fit.slope:{fmt}} [{fit.slope_low:{fmt}}, {fit.slope_high:{fmt}}]"
+    return f"{fit.slope:{fmt}}"
+
+
+def _clusters(frame: pd.DataFrame) -> np.ndarray:
+    """One cluster per run and seed (probes of one seed are not independent)."""
+    keys = [c for c in ("run_id", "seed") if c in frame.columns]
+    return frame[keys].astype(str).agg("/".join, axis=1).to_numpy()
+
+
+def curvature_ratio(
+    probes: pd.DataFrame,
+    curvature: str = "hessian",
+    palette: Palette | None = None,
+    confidence: float = 0.95,
+) -> Figure:
+    """Directional curvature (left) and local smoothness (right) against ``||g||``.
+
+    Left, log-log: ``|c|`` per probe, explosion-triggered probes as large stars, the
+    fitted line ``log|c| = a + s log||g||`` per optimizer (:func:`loglog_slope`,
+    ``confidence`` interval by a bootstrap over seeds) and a dotted slope-1 reference:
+    parallel to it the Newton step ``||g|| / |c|`` stays bounded. Right: the
+    finite-difference smoothness with the fitted ``L0 + L1 ||g||`` per optimizer
+    (:func:`fit_smoothness`, Zhang et al. 2020).
+
+    Args:
+        probes: Probe rows (:func:`runner.store.load_probes`).
+        curvature: ``"hessian"`` (``curv_hessian``) or ``"gauss_newton"``
+            (``curv_gn``).
+        palette: Optimizer colours.
+        confidence: Coverage of the slope intervals.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {list(CURVATURES)}: {curvature!r}")
+    column, label = CURVATURES[curvature]
+    need = ["grad_norm", column, "smoothness", "kind", "optimizer", "seed"]
+    require_columns(probes, need, "curvature_ratio")
+    palette = palette or optimizer_palette(probes["optimizer"])
+    data = finite(probes, ["grad_norm", column, "smoothness"])
+    data["abs_curvature"] = data[column].abs()
+    data = data[(data["grad_norm"] > 0) & (data["abs_curvature"] > 0)]
+    fig, axes = new_figure(1, 2, width=5.4, height=4.4)
+    left, right = axes[0]
+    kinds = {"periodic": "o", "explosion": "*"}
+    data = data.assign(kind=data["kind"].where(data["kind"].isin(kinds), "periodic"))
+    for ax, y in ((left, "abs_curvature"), (right, "smoothness")):
+        sns.scatterplot(
+            data=data, x="grad_norm", y=y, hue="optimizer", hue_order=list(palette),
+            palette=palette, style="kind", style_order=list(kinds), markers=kinds,
+            size="kind", sizes={"periodic": 18, "explosion": 170}, alpha=0.7,
+            edgecolor="black", linewidth=0.3, legend=False, ax=ax,
+        )  # fmt: skip
+    left_handles, right_handles = [], []
+    for name in (n for n in palette if n in set(data["optimizer"])):
+        rows = data[data["optimizer"] == name]
+        g = rows["grad_norm"].to_numpy()
+        grid = np.geomspace(g.min(), g.max(), 50)
+        fit = loglog_slope(
+            g, rows[column].to_numpy(), confidence=confidence, groups=_clusters(rows)
+        )
+        text = name
+        if np.isfinite(fit.slope):
+            left.plot(
+                grid, np.exp(fit.intercept) * grid**fit.slope, color=palette[name]
+            )
+            text = f"{name}: slope {_ci(fit)}"
+        left_handles.append(Line2D([], [], color=palette[name], label=text))
+        smooth = fit_smoothness(g, rows["smoothness"].to_numpy())
+        text = name
+        if np.isfinite(smooth.l1):
+            right.plot(grid, smooth.l0 + smooth.l1 * grid, color=palette[name])
+            text = f"{name}: L0={smooth.l0:.3g}, L1={smooth.l1:.3g}"
+        right_handles.append(Line2D([], [], color=palette[name], label=text))
+    if len(data):
+        g = np.geomspace(data["grad_norm"].min(), data["grad_norm"].max(), 50)
+        scale = float(np.median(data["abs_curvature"] / data["grad_norm"]))
+        left.plot(g, scale * g, color="0.3", ls=":", lw=1.5)
+    if (data["kind"] == "explosion").any():
+        star = Line2D([], [], color="0.4", marker="*", ms=12, mec="black", ls="")
+        star.set_label("explosion probe (||g|| jumped above its running mean)")
+        left_handles.append(star)
+    left_handles.append(
+        Line2D([], [], color="0.3", ls=":", label="slope 1: bounded Newton step")
+    )
+    left.set(xscale="log", xlabel=GRAD_LABEL, ylabel=label)
+    left.set_title(f"{label.split(',')[0]} against $||g||$ (fit: {confidence:.0%} CI)")
+    right.set(xlabel=GRAD_LABEL, ylabel="local smoothness L (finite difference)")
+    right.set_title(r"(L0, L1) smoothness: $L \approx L_0 + L_1 ||g||$")
+    log_if_positive(left, data["abs_curvature"])
+    log_if_positive(right, data["grad_norm"], axis="x")
+    if (data["smoothness"] > 0).any():
+        right.set_yscale("log")  # zero (float-precision) smoothness is not drawn
+    for ax, handles in ((left, left_handles), (right, right_handles)):
+        ax.legend(handles=handles, fontsize=7, loc="upper left")
+    return fig
+
+
+def _varying(rows: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Rows with a finite ``x``, from experiments in which ``x`` takes >1 value."""
+    require_columns(rows, [x], "growth rows")
+    rows = rows[np.isfinite(pd.to_numeric(rows[x], errors="coerce"))]
+    if "experiment" in rows.columns:
+        spread = rows.groupby("experiment")[x].transform("nunique")
+        rows = rows[spread > 1]
+    return rows
+
+
+def ratio_vs_x(
+    growth_rows: pd.DataFrame, x: str = "length", band: float = 100
+) -> Figure:
+    """Curvature ratio ``|c| / ||g||`` (Hessian and Gauss-Newton) against ``x``.
+
+    One panel per initialization (and parameter source); lines are medians over seeds
+    and batches. A flat line means curvature and gradient grow at the same rate.
+    """
+    need = [x, "ratio_hessian", "ratio_gn", "seed"]
+    require_columns(growth_rows, need, "ratio_vs_x")
+    rows = finite(_varying(growth_rows, x), list(RATIOS))
+    long = rows.melt(
+        id_vars=[c for c in (x, "seed", "init", "source", "task") if c in rows],
+        value_vars=list(RATIOS), var_name="curvature", value_name="ratio",
+    )  # fmt: skip
+    long["curvature"] = long["curvature"].map(RATIOS)
+    long["ratio"] = long["ratio"].abs()
+    colours = dict(zip(RATIOS.values(), ("C3", "C2"), strict=True))
+    groups = panel_groups(long, ["task", "init", "source"])
+    fig, axes = new_figure(1, len(groups))
+    for ax, (title, part) in zip(axes[0], groups, strict=True):
+        sns.lineplot(
+            data=part, x=x, y="ratio", hue="curvature", palette=colours,
+            estimator="median", errorbar=("pi", band), marker="o", ax=ax,
+            legend=ax is axes[0, 0],
+        )  # fmt: skip
+        log_if_positive(ax, part["ratio"].dropna())
+        ax.set(title=title, xlabel=LABELS.get(x, x))
+        ax.set_ylabel(r"curvature ratio $|c| / ||g||$")
+    fig.suptitle(f"Curvature ratio ({band_text(band, 'seeds and batches')})")
+    return fig
+
+
+def growth_plot(
+    growth_rows: pd.DataFrame, fits: pd.DataFrame, x: str = "length"
+) -> Figure:
+    """``||g||``, ``|u^T H u|`` and ``u^T G u`` against ``x`` with fitted growth rates.
+
+    Points are single measurements (seed and batch); lines are the rate fits of
+    ``fits`` (rows with ``kind == "rate"``): ``|q| = exp(intercept + rate x)``. Equal
+    rates for the gradient norm and the curvature mean a bounded Newton step.
+    """
+    need = [x, "seed", *(q for q, _, _ in GROWTH)]
+    require_columns(growth_rows, need, "growth_plot")
+    fit_cols = ["kind", "quantity", "x", "slope", "slope_low", "slope_high"]
+    if not fits.empty:
+        require_columns(fits, [*fit_cols, "intercept"], "growth_plot fits")
+        fits = fits[(fits["kind"] == "rate") & (fits["x"] == x)]
+    rows = finite(_varying(growth_rows, x), [q for q, _, _ in GROWTH])
+    keys = [k for k in ("experiment", "init", "source") if k in rows.columns]
+    groups = panel_groups(rows, keys)
+    fig, axes = new_figure(1, len(groups), height=4.0)
+    for ax, (title, part) in zip(axes[0], groups, strict=True):
+        handles = []
+        grid = np.linspace(part[x].min(), part[x].max(), 50)
+        for quantity, name, colour in GROWTH:
+            sns.scatterplot(
+                x=part[x], y=part[quantity].abs(), color=colour, s=10, alpha=0.35,
+                linewidth=0, ax=ax,
+            )  # fmt: skip
+            label = name
+            match = fits[fits["quantity"] == quantity] if not fits.empty else fits
+            for key in keys:
+                if not match.empty and key in match.columns:
+                    match = match[match[key].astype(str) == str(part[key].iloc[0])]
+            if not match.empty and np.isfinite(match["slope"].iloc[0]):
+                fit = match.iloc[0]
+                ax.plot(grid, np.exp(fit["intercept"] + fit["slope"] * grid), c=colour)
+                label = f"{name}: rate {_ci(fit, '.3g')} {_PER.get(x, '')}"
+            handles.append(Line2D([], [], color=colour, marker="o", label=label))
+        log_if_positive(ax, part["grad_norm"])
+        ax.set(title=title, xlabel=LABELS.get(x, x))
+        ax.set_ylabel("magnitude (log scale)")
+        ax.legend(handles=handles, fontsize=7, loc="upper left")
+    fig.suptitle("Growth of gradient and curvature (lines: fitted exponential rates)")
+    return fig
+
+
+def _pad(lists: pd.Series) -> np.ndarray:
+    """Ragged lists of floats to a ``[n, m]`` array, padded with NaN."""
+    arrays = [
+        np.asarray(v if isinstance(v, list | np.ndarray) else [], float) for v in lists
+    ]
+    width = max((a.size for a in arrays), default=0)
+    out = np.full((len(arrays), width), np.nan)
+    for i, a in enumerate(arrays):
+        out[i, : a.size] = a
+    return out
+
+
+def _last_probes(rows: pd.DataFrame) -> pd.DataFrame:
+    """The last periodic probe of every run and seed (any kind when none)."""
+    periodic = rows[rows["kind"] == "periodic"] if "kind" in rows else rows
+    rows = periodic if len(periodic) else rows
+    keys = [c for c in ("run_id", "optimizer", "seed") if c in rows.columns]
+    return rows.sort_values("step").groupby(keys, sort=False).tail(1)
+
+
+def spectrum_plot(
+    probes: pd.DataFrame,
+    palette: Palette | None = None,
+    band: float = 100,
+    grid_size: int = 400,
+    floor: float = 1e-6,
+) -> Figure:
+    """Hessian spectral density at the end of training and top eigenvalue along it.
+
+    Left: the one-probe stochastic Lanczos quadrature densities (Ritz values and
+    weights, Gaussian-broadened by :func:`optimizers.curvature.spectral_density`)
+    of the last probe of every seed, averaged over seeds, one line per optimizer;
+    symlog eigenvalue axis, log density with a floor of ``floor`` times the peak.
+    Right: the top Hessian eigenvalue (Lanczos) against step. One row per task
+    configuration.
+    """
+    need = ["ritz_values", "ritz_weights", "top_eigenvalue", "step", "seed"]
+    require_columns(probes, [*need, "optimizer"], "spectrum_plot")
+    from optimizers.curvature import spectral_density  # deferred: imports JAX
+
+    palette = palette or optimizer_palette(probes["optimizer"])
+    groups = panel_groups(probes)
+    fig, axes = new_figure(len(groups), 2, width=5.2, height=3.8)
+    for (title, rows), (left, right) in zip(groups, axes, strict=True):
+        last = _last_probes(rows)
+        theta, weights = _pad(last["ritz_values"]), _pad(last["ritz_weights"])
+        valid = np.isfinite(theta) & np.isfinite(weights)
+        top = float(np.abs(theta[valid]).max()) if valid.any() else 0.0
+        if top > 0:
+            sigma = 0.01 * float(np.ptp(theta[valid])) or 0.01 * top
+            theta, weights = np.where(valid, theta, 0.0), np.where(valid, weights, 0.0)
+            edge, thresh = top + 3 * sigma, max(1e-3 * top, sigma)
+            side = np.geomspace(thresh, edge, grid_size // 2)
+            grid = np.concatenate([-side[::-1], np.linspace(-thresh, thresh, 41), side])
+            for name in (n for n in palette if n in set(last["optimizer"])):
+                mine = (last["optimizer"] == name).to_numpy()
+                density = np.asarray(
+                    spectral_density(theta[mine], weights[mine], grid, sigma)
+                )
+                density = np.maximum(density, floor * max(density.max(), 1e-300))
+                left.plot(grid, density, color=palette[name], label=name)
+            left.set_xscale("symlog", linthresh=thresh, linscale=1.5)
+            left.set_yscale("log")
+        left.set(title=title, xlabel=r"Hessian eigenvalue $\lambda$ (symlog)")
+        left.set_ylabel("spectral density (SLQ, log)")
+        track = rows[rows["kind"] == "periodic"] if "kind" in rows else rows
+        track = finite(track if len(track) else rows, ["top_eigenvalue"])
+        sns.lineplot(
+            data=track, x="step", y="top_eigenvalue", hue="optimizer",
+            hue_order=list(palette), palette=palette, estimator="median",
+            errorbar=("pi", band), marker="o", legend=False, ax=right,
+        )  # fmt: skip
+        log_if_positive(right, track["top_eigenvalue"].dropna())
+        right.set(title=band_text(band), xlabel=LABELS["step"])
+        right.set_ylabel(r"top Hessian eigenvalue $\lambda_{max}$")
+    names = [n for n in palette if n in set(probes["optimizer"])]
+    fig.legend(
+        handles=[Line2D([], [], color=palette[n], label=n) for n in names],
+        title="optimizer", loc="outside center right",
+    )  # fmt: skip
+    fig.suptitle("Hessian spectrum (last probe of each seed) and top eigenvalue")
+    return fig

@@ -1,0 +1,352 @@
+"""Self-contained HTML report of a results directory: table, runs and figures.
+
+:func:`write_report` writes one HTML file with every figure embedded as a base64 PNG
+(no external files, scripts or style sheets), so it can be mailed or archived as is.
+The figures come from :data:`FIGURES`: each builder reads what it needs from the
+directory and returns ``None`` when that data is absent (no probes, no growth
+experiment, one sequence length only), and the report then omits the section.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import curvature_plots as cp
+from analysis import plots
+from analysis.growth import load_growth
+from runner import store
+from runner.table import comparison_table, group_columns
+
+
+def run_files(directory: str | Path) -> list[Path]:
+    """The training-run files of a directory (growth results are not runs)."""
+    return store.run_files(directory)
+
+
+def palette(directory: Path) -> plots.Palette:
+    """One colour per optimizer label of the whole directory (shared by figures)."""
+    labels = [store.read_run(f)["config"]["label"] for f in run_files(directory)]
+    return plots.optimizer_palette(labels)
+
+
+def _has(frame: pd.DataFrame, *columns: str) -> bool:
+    return not frame.empty and all(c in frame.columns for c in columns)
+
+
+def wall_trajectories(directory: Path) -> pd.DataFrame:
+    """Parameter paths ``(param_w, param_b)`` of the runs of the ``wall`` task."""
+    frames = []
+    for file in run_files(directory):
+        config = store.read_run(file)["config"]
+        if config["task"]["name"] != "wall":
+            continue
+        if not file.with_suffix(".steps.npz").is_file():
+            continue
+        steps = store.load_steps(file)
+        if _has(steps, "param_w", "param_b"):
+            frames.append(
+                steps.assign(optimizer=config["label"], run_id=config["run_id"])
+            )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def growth_x(rows: pd.DataFrame) -> str | None:
+    """The growth variable (``length``, else ``radius``) that varies in ``rows``."""
+    for x in ("length", "radius"):
+        if x in rows.columns:
+            values = pd.to_numeric(rows[x], errors="coerce")
+            by = rows["experiment"] if "experiment" in rows else np.zeros(len(rows))
+            if values.groupby(by).nunique().max() > 1:
+                return x
+    return None
+
+
+def _curves(y: str) -> Callable[[Path], Figure | None]:
+    def build(directory: Path) -> Figure | None:
+        records = store.load(directory)
+        if not _has(records, "step", "seed", y):
+            return None
+        return plots.training_curves(records, y, palette(directory))
+
+    return build
+
+
+def _traces(directory: Path) -> Figure | None:
+    records = store.load(directory)
+    if not _has(records, "step", "seed", "grad_norm_mean", "spectral_radius"):
+        return None
+    return plots.traces(records, palette(directory))
+
+
+def _success(directory: Path) -> Figure | None:
+    summary = store.load_summary(directory)
+    if not _has(summary, "length", "status") or summary["length"].nunique() < 2:
+        return None
+    return plots.success_vs_length(summary, palette(directory))
+
+
+def _curvature(kind: str, column: str) -> Callable[[Path], Figure | None]:
+    def build(directory: Path) -> Figure | None:
+        probes = store.load_probes(directory)
+        if not _has(probes, "grad_norm", column, "smoothness", "kind"):
+            return None
+        return cp.curvature_ratio(probes, kind, palette(directory))
+
+    return build
+
+
+def _spectrum(directory: Path) -> Figure | None:
+    probes = store.load_probes(directory)
+    if not _has(probes, "ritz_values", "ritz_weights", "top_eigenvalue"):
+        return None
+    return cp.spectrum_plot(probes, palette(directory))
+
+
+def _wall(directory: Path) -> Figure | None:
+    paths = wall_trajectories(directory)
+    return None if paths.empty else plots.wall_plot(paths, palette=palette(directory))
+
+
+def _growth(directory: Path) -> Figure | None:
+    rows, fits = load_growth(directory)
+    x = growth_x(rows) if not rows.empty else None
+    return None if x is None else cp.growth_plot(rows, fits, x)
+
+
+def _ratio(directory: Path) -> Figure | None:
+    rows, _ = load_growth(directory)
+    x = growth_x(rows) if _has(rows, "ratio_hessian", "ratio_gn") else None
+    return None if x is None else cp.ratio_vs_x(rows, x)
+
+
+#: Figure name -> builder from a results directory (None: the data is absent).
+FIGURES: dict[str, Callable[[Path], Figure | None]] = {
+    "training": _curves("eval_loss"),
+    "error": _curves("eval_error"),
+    "traces": _traces,
+    "success": _success,
+    "curvature": _curvature("hessian", "curv_hessian"),
+    "curvature_gn": _curvature("gauss_newton", "curv_gn"),
+    "spectrum": _spectrum,
+    "wall": _wall,
+    "growth": _growth,
+    "ratio": _ratio,
+}
+
+#: Section title and what to read from each figure.
+CAPTIONS = {
+    "training": ("Evaluation loss",
+        "Loss on fresh sequences against update step: median over seeds, band from "
+        "the best to the worst seed. A plateau that never drops means the task was "
+        "not solved; sudden jumps upwards are gradient explosions."),
+    "error": ("Evaluation error",
+        "Fraction of evaluation sequences wrong. A seed counts as solved once the "
+        "error falls below the task's threshold and it passes the full success test."),
+    "traces": ("Gradient norm and spectral radius",
+        "Top: mean gradient norm per evaluation chunk (dashed: the largest); jumps of "
+        "orders of magnitude are explosions. Bottom: spectral radius of W_rec; above "
+        "the dotted line 1/gamma (1 for tanh, 4 for sigmoid) gradients can explode, a "
+        "necessary but not sufficient condition (Pascanu et al. 2013)."),
+    "success": ("Success rate against sequence length",
+        "Fraction of seeds solved at each length (Pascanu et al. 2013, Fig. 7)."),
+    "curvature": ("Curvature against gradient norm (Hessian)",
+        "Left: |u^T H u| along u = g/||g|| against ||g||, log-log, with the fitted "
+        "slope and its confidence interval per optimizer. Slope 1 (parallel to the "
+        "dotted line) means curvature grows with the gradient, so the Newton step "
+        "||g||/|c| stays bounded and a second-order method can cope with the wall; "
+        "slope above 1: curvature outgrows the gradient; below 1: the Newton step "
+        "itself explodes. Stars are probes triggered by a gradient explosion. Right: "
+        "local smoothness with the (L0, L1) fit of Zhang et al. (2020); L1 > 0 means "
+        "smoothness grows with the gradient norm, the regime where clipping helps."),
+    "curvature_gn": ("Curvature against gradient norm (Gauss-Newton)",
+        "As above with u^T G u. For squared error u^T G u = ||Ju||^2 while ||g|| is "
+        "about ||Ju|| |r|, so a slope near 2 is expected while the residual stays "
+        "bounded: Gauss-Newton curvature can outgrow the gradient."),
+    "spectrum": ("Hessian spectrum",
+        "Left: spectral density of the Hessian (stochastic Lanczos quadrature) at the "
+        "last probe of each seed, averaged over seeds; mass left of 0 is "
+        "non-convexity, isolated peaks on the right are sharp directions. Right: the "
+        "top eigenvalue along training (compare with 2/learning rate, the edge of "
+        "stability of Cohen et al. 2021)."),
+    "wall": ("The wall of the single-unit model",
+        "Error E(w, b) with the wall (white) and each seed's path from its square "
+        "start. Pascanu et al. (2013, Fig. 6): plain SGD hitting the wall is thrown "
+        "far away, a clipped step stays close to it."),
+    "growth": ("Growth of gradient and curvature",
+        "Gradient norm and curvature along u against sequence length or spectral "
+        "radius, with the fitted exponential rates (log|q| = a + rate x). Equal "
+        "rates for ||g|| and the curvature mean a bounded Newton step."),
+    "ratio": ("Curvature ratio",
+        "|c| / ||g|| against sequence length or spectral radius. Flat: curvature and "
+        "gradient grow at the same rate; rising: curvature outgrows the gradient."),
+}  # fmt: skip
+
+_STYLE = """body{font-family:sans-serif;max-width:1300px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:90%}
+th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}
+th{background:#eee}td.text{text-align:left}img{max-width:100%}
+figcaption{max-width:1000px;color:#444}.error{color:#a00}"""
+#: Comparison-table metrics: column, header, format.
+_METRICS = (
+    ("seeds", "seeds", "{:.0f}"),
+    ("solved", "solved", "{:.0f}"),
+    ("success_rate", "success rate", "{:.0%}"),
+    ("median_steps", "median updates to solve", "{:.0f}"),
+    ("median_grad_equiv", "median gradient-equivalents", "{:.0f}"),
+    ("median_seq_grads", "median sequence gradients", "{:.3g}"),
+    ("median_seconds", "median seconds to solve", "{:.1f}"),
+    ("diverged", "diverged seeds", "{:.0f}"),
+    ("run_seconds", "run seconds", "{:.1f}"),
+)
+
+
+def _cell(value: object, fmt: str | None = None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "<td>-</td>"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a length read back as float next to missing ones
+    if fmt is not None:
+        return f"<td>{html.escape(fmt.format(value))}</td>"
+    return f'<td class="text">{html.escape(str(value))}</td>'
+
+
+def html_table(frame: pd.DataFrame, formats: dict[str, str], table_id: str) -> str:
+    """An HTML table; ``formats`` maps columns to format strings (others as text)."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = (
+            _cell(v, formats.get(c)) for c, v in zip(frame.columns, row, strict=True)
+        )
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return (
+        f'<table id="{table_id}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def comparison_html(summary: pd.DataFrame) -> str:
+    """The comparison table (one row per configuration) as HTML.
+
+    Length and initialization are shown even where they do not vary (the table of
+    :func:`runner.table.comparison_table` keeps only varying settings).
+    """
+    if summary.empty:
+        return "<p>(no per-seed outcomes recorded)</p>"
+    table = comparison_table(summary)
+    keys = group_columns(summary)
+    fixed = [c for c in ("length", "init") if c in summary and c not in keys]
+    if fixed:
+        first = summary.groupby(keys, sort=True, dropna=False)[fixed].first()
+        table = table.merge(first.reset_index(), on=keys, how="left")
+    metrics = [m for m, _, _ in _METRICS if m in table.columns]
+    front = [c for c in ("task", "length", "init") if c in table.columns]
+    shown = table[front + [c for c in keys if c not in front] + metrics]
+    headers = {m: h for m, h, _ in _METRICS}
+    formats = {headers[m]: f for m, _, f in _METRICS}
+    return html_table(shown.rename(columns=headers), formats, "comparison")
+
+
+def runs_html(files: list[Path]) -> str:
+    """One row per run: id, optimizer label, task, seeds, outcomes, probes."""
+    rows = []
+    for file in files:
+        run = store.read_run(file)
+        config = run["config"]
+        status = pd.Series([s.get("status") for s in run.get("summary", [])])
+        counts = ", ".join(f"{n} {s}" for s, n in status.value_counts().items())
+        rows.append(
+            {
+                "run_id": config["run_id"], "optimizer": config["label"],
+                "task": config["task"]["name"], "seeds": len(config.get("seeds", [])),
+                "steps": config.get("steps"), "outcome": counts or None,
+                "probes": len(run.get("probes", [])),
+            }
+        )  # fmt: skip
+    frame = pd.DataFrame(rows)
+    return html_table(frame, {"seeds": "{}", "steps": "{}", "probes": "{}"}, "runs")
+
+
+def _figure_section(name: str, directory: Path) -> str:
+    title, caption = CAPTIONS.get(name, (name, ""))
+    try:
+        fig = FIGURES[name](directory)
+    except Exception as error:  # a broken figure must not cost the whole report
+        warnings.warn(f"figure {name!r} failed: {error!r}", stacklevel=2)
+        return (
+            f'<section id="{name}"><h2>{html.escape(title)}</h2><p class="error">'
+            f"Could not draw this figure: {html.escape(repr(error))}</p></section>"
+        )
+    if fig is None:
+        return ""
+    data = plots.figure_png_base64(fig)
+    return (
+        f'<section id="{name}"><h2>{html.escape(title)}</h2><figure>'
+        f'<img alt="{name}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure></section>"
+    )
+
+
+def write_report(
+    directory: str | Path, out: str | Path | None = None, title: str | None = None
+) -> Path:
+    """Write a self-contained HTML report of a results directory.
+
+    Args:
+        directory: A comparison directory (run files, probes, growth results).
+        out: The HTML file (default ``<directory>/report.html``).
+        title: Page title (default: the directory name).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: when ``directory`` is not a directory or holds neither runs nor
+            growth results.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a results directory")
+    files = run_files(directory)
+    growth_rows, _ = load_growth(directory)
+    if not files and growth_rows.empty:
+        raise ValueError(f"no runs or growth results in {directory}")
+    title = title or f"curvbench report: {directory.name}"
+    out = Path(out) if out is not None else directory / "report.html"
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    info = f"Generated {now} from {directory.resolve()}: {len(files)} runs"
+    if files:
+        summary = store.load_summary(directory)
+        tasks = ", ".join(sorted(summary["task"].astype(str).unique()))
+        labels = ", ".join(palette(directory))
+        info = f"{info}; tasks: {tasks}; optimizers: {labels}."
+        parts.append(f"<p>{html.escape(info)}</p>")
+        parts += [
+            "<h2>Comparison</h2><p>One row per configuration. Medians are over solved "
+            "seeds ('-' when none solved). Gradient-equivalents add function "
+            "evaluations and curvature-vector products at their nominal cost in "
+            "gradients; sequence gradients multiply them by the batch size.</p>",
+            comparison_html(summary),
+        ]
+    else:
+        parts.append(f"<p>{html.escape(info)}; growth experiments only.</p>")
+    parts += [_figure_section(name, directory) for name in FIGURES]
+    if files:
+        parts += ["<h2>Runs</h2>", runs_html(files)]
+    parts.append("</body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(p for p in parts if p), encoding="utf-8")
+    return out
