@@ -213,14 +213,17 @@ def growth_plot(
     fit_cols = ["kind", "quantity", "x", "slope", "slope_low", "slope_high"]
     if not fits.empty:
         require_columns(fits, [*fit_cols, "intercept"], "growth_plot fits")
-        fits = fits[(fits["kind"] == "rate") & (fits["x"] == x)]
+        # Radius sweeps are fitted against log(radius): a power law rho^p.
+        fits = fits[(fits["kind"] == "rate") & fits["x"].isin([x, f"log_{x}"])]
     rows = finite(_varying(growth_rows, x), [q for q, _, _ in GROWTH])
     keys = [k for k in ("experiment", "init", "source") if k in rows.columns]
     groups = panel_groups(rows, keys)
     fig, axes = new_figure(1, len(groups), height=4.0)
     for ax, (title, part) in zip(axes[0], groups, strict=True):
         handles = []
-        grid = np.linspace(part[x].min(), part[x].max(), 50)
+        power = not fits.empty and (fits["x"] == f"log_{x}").any()
+        space = np.geomspace if power else np.linspace
+        grid = space(part[x].min(), part[x].max(), 50)
         for quantity, name, colour in GROWTH:
             sns.scatterplot(
                 x=part[x], y=part[quantity].abs(), color=colour, s=10, alpha=0.35,
@@ -233,10 +236,17 @@ def growth_plot(
                     match = match[match[key].astype(str) == str(part[key].iloc[0])]
             if not match.empty and np.isfinite(match["slope"].iloc[0]):
                 fit = match.iloc[0]
-                ax.plot(grid, np.exp(fit["intercept"] + fit["slope"] * grid), c=colour)
-                label = f"{name}: rate {_ci(fit, '.3g')} {_PER.get(x, '')}"
+                at = np.log(grid) if power else grid
+                ax.plot(grid, np.exp(fit["intercept"] + fit["slope"] * at), c=colour)
+                label = (
+                    f"{name}: exponent {_ci(fit, '.3g')}"
+                    if power
+                    else f"{name}: rate {_ci(fit, '.3g')} {_PER.get(x, '')}"
+                )
             handles.append(Line2D([], [], color=colour, marker="o", label=label))
         log_if_positive(ax, part["grad_norm"])
+        if power:
+            ax.set_xscale("log")
         ax.set(title=title, xlabel=LABELS.get(x, x))
         ax.set_ylabel("magnitude (log scale)")
         ax.legend(handles=handles, fontsize=7, loc="upper left")

@@ -4,8 +4,9 @@ Pascanu et al. (2013, section 3) argue that along an exploding direction the
 curvature explodes with the gradient. This experiment measures the probe quantities
 of :mod:`analysis.probes` at many seeds and batches while one thing varies:
 
-* ``x = "length"``: the sequence length ``T`` (every sequence of the batch has
-  length ``T``); for an exploding recurrence ``||g|| ~ exp(r_g T)``;
+* ``x = "length"``: the sequence length ``T`` (the task's ``length`` and
+  ``min_length``; addition-like tasks add their random 10%); for an exploding
+  recurrence ``||g|| ~ exp(r_g T)``;
 * ``x = "radius"``: the spectral radius ``rho`` of ``W_rec``, rescaled at a fixed
   length (``rho > 1 / gamma`` is necessary for explosion: 1 for tanh, 4 for the
   logistic sigmoid);
@@ -71,7 +72,7 @@ def _task_hparam_names(name: str) -> set[str]:
     return set(declared_hparams(TASKS[name]))
 
 
-def _check(task: str, x: str, values: Sequence, seeds: Sequence, n_batches: int):
+def _check(task, x, values, seeds, n_batches, radius) -> None:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     if x not in X_CHOICES:
@@ -86,6 +87,9 @@ def _check(task: str, x: str, values: Sequence, seeds: Sequence, n_batches: int)
         raise ConfigError("'seeds' must name at least one seed")
     if not isinstance(n_batches, int) or n_batches < 1:
         raise ConfigError(f"'batches' must be a positive integer, got {n_batches!r}")
+    if x == "radius" and radius is not None:
+        raise ConfigError("'radius' rescales W_rec for a length sweep; with x = "
+                          "'radius' the radii are the values")  # fmt: skip
 
 
 def measure(
@@ -108,7 +112,8 @@ def measure(
       x: "length" or "radius".
       values: the lengths or spectral radii.
       task_hparams: the task's other hyperparameters.
-      seeds: initialization seeds (or indices into ``params``' seed axis).
+      seeds: initialization seeds; with ``params``, the labels of its seed axis
+        in order (row ``i`` of ``params`` is ``seeds[i]``).
       batches: independent batches per seed and value.
       radius: with ``x = "length"``, rescale ``W_rec`` to this spectral radius
         first (None: as initialized or saved).
@@ -119,7 +124,7 @@ def measure(
     """
     task_hparams = dict(task_hparams or {})
     seeds = list(seeds)
-    _check(task, x, values, seeds, batches)
+    _check(task, x, values, seeds, batches, radius)
     config = check_probe_config(config or ProbeConfig())
     # One compiled probe for every value: batches of shorter sequences are padded
     # (zero inputs, zero mask) to the longest, which leaves every probed quantity
@@ -200,12 +205,28 @@ def _probe_grid(task: Task, config: ProbeConfig):
 def fit(rows: pd.DataFrame, x: str, confidence: float = 0.95) -> pd.DataFrame:
     """Growth rates against ``x`` and log-log slopes against the gradient norm.
 
-    Grouped by initialization and parameter source; confidence intervals by a
-    cluster bootstrap over seeds (batches of one seed are not independent).
+    Lengths: ``log |q| = a + r T`` (``r`` per time step, since ``||g||`` grows
+    like ``alpha^T``). Radii: ``log |q| = a + p log rho`` (column ``x`` reads
+    ``log_radius``), since a product of ``T`` Jacobians grows like ``rho^T``, a
+    power of ``rho``. Grouped by initialization and parameter source; confidence
+    intervals by a cluster bootstrap over seeds (batches of one seed are not
+    independent). Fits use ``|q|``; ``negative_fraction`` says how many of the
+    values were negative (``u^T H u`` can be), where a fit of ``log |q|`` mixes
+    two signs and should be read with care.
     """
     by = [c for c in ("init", "source") if c in rows.columns]
     present = [q for q in FITTED if q in rows.columns]
-    return growth_table(rows, x, present, by=by, group="seed", confidence=confidence)
+    if x == "radius":
+        rows = rows.assign(log_radius=np.log(rows["radius"]))
+        x = "log_radius"
+    fits = growth_table(rows, x, present, by=by, group="seed", confidence=confidence)
+    negative = (
+        rows.groupby(by)[present]
+        .agg(lambda q: float((q < 0).mean()))
+        .reset_index()
+        .melt(id_vars=by, var_name="quantity", value_name="negative_fraction")
+    )
+    return fits.merge(negative, on=[*by, "quantity"], how="left")
 
 
 def save_growth(path: str | Path, config: dict, rows: pd.DataFrame, fits: pd.DataFrame):

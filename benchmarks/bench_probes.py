@@ -32,6 +32,7 @@ from tasks import make_task
 TASK = {"length": 100, "min_length": 100, "hidden": 50, "init": "basic_tanh"}
 PROBE_EVERY = 1000
 STEPS = 5000
+REPEATS = 2  # best of: the shared machine's timings vary by about 10%
 
 
 def lanczos_cost(batch_size: int) -> None:
@@ -66,9 +67,12 @@ def overhead(optimizer: str, opt_hparams: dict, seeds: int) -> None:
         # Warm-up (compiles the program and the probe), then the timed run.
         warm = {**common, "steps": 200}
         run("temporal_order", optimizer, probe_every=probe_every and 100, **warm)
-        start = time.perf_counter()
-        result = run("temporal_order", optimizer, probe_every=probe_every, **common)
-        timings[probe_every] = time.perf_counter() - start
+        best = float("inf")
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            result = run("temporal_order", optimizer, probe_every=probe_every, **common)
+            best = min(best, time.perf_counter() - start)
+        timings[probe_every] = best
         n_probes = len(result.probes)
     ratio = timings[PROBE_EVERY] / timings[None] - 1
     print(

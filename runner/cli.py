@@ -117,7 +117,6 @@ def _numbers(text: str) -> list[float]:
 
 def _cmd_growth(args) -> int:
     from analysis.curvature_plots import growth_plot, ratio_vs_x
-
     from analysis.growth import growth_experiment
     from analysis.plots import save_figure
     from analysis.probes import ProbeConfig
@@ -127,6 +126,8 @@ def _cmd_growth(args) -> int:
         raise ConfigError("give exactly one of --lengths and --radii")
     if args.task is None and args.run is None:
         raise ConfigError("give --task or --run")
+    if args.step is not None and args.run is None:
+        raise ConfigError("--step picks a checkpoint of --run; give --run too")
     x = "length" if args.lengths is not None else "radius"
     values = args.lengths if x == "length" else args.radii
     rows, fits, path = growth_experiment(
@@ -156,9 +157,8 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from analysis.report import FIGURES
-
     from analysis.plots import save_figure
+    from analysis.report import FIGURES
 
     if args.name not in FIGURES:
         raise ConfigError(f"unknown plot {args.name!r}; choose from {sorted(FIGURES)}")

@@ -171,8 +171,9 @@ def run(
         live seed at step 0 and every this many steps (a multiple of
         ``eval_every``; None: no probes). Rows go to the run file's ``probes``.
       probe_events: with ``probe_every``, also probe the first this many
-        explosions of each seed in every chunk, at the parameters and on the batch
-        where the gradient exploded (0: periodic probes only).
+        explosions of each seed between two periodic probes, at the parameters and
+        on the batch where the gradient exploded (0: periodic probes only). Probe
+        time is stored apart (``probe_seconds``), not in the training seconds.
       explosion_factor: a step explodes when its gradient norm exceeds this factor
         times the running average of the previous norms (every run counts them:
         ``explosion_rate`` in the records).
@@ -207,12 +208,14 @@ def run(
         "eval_every": eval_every,
         "eval_size": eval_size,
         "curvature_batch_size": curvature_batch_size,
+        "explosion_factor": explosion_factor,
     }
+    if record_params:
+        config["record_params"] = True
     if probe_every is not None:
         config["probes"] = {
             "probe_every": probe_every,
             "probe_events": probe_events,
-            "explosion_factor": explosion_factor,
             "lanczos_iters": lanczos_iters,
         }
     config["run_id"] = run_id_for(config)
@@ -235,8 +238,14 @@ def run(
 
     records, traces, probes = [], [], []
     solved_at = {}  # seed index -> (updates, seconds)
+    # Probe time is kept apart: it is not training time (seconds to solve).
+    probe_seconds = 0.0
+    # Explosion probes left per seed until the next periodic probe.
+    budget = [probe_events] * len(seed_list)
     if prober is not None:
-        probes += _periodic_probes(prober, seed_list, state, eval_keys, 0)
+        probes, probe_seconds = _timed_list(
+            _periodic_probes, prober, seed_list, state, eval_keys, 0
+        )
     n_chunks = -(-steps // eval_every)
     for chunk in range(n_chunks):
         chunk_eval_keys = jax.vmap(lambda k, c=chunk: jax.random.fold_in(k, c))(
@@ -252,15 +261,17 @@ def run(
             jnp.int32(chunk * eval_every),
         )
         seconds += dt
+        step = min((chunk + 1) * eval_every, steps)
         if prober is not None:
-            start_probes = time.perf_counter()
-            probes += _event_probes(prober, seed_list, events)
-            step = min((chunk + 1) * eval_every, steps)
+            rows, dt = _timed_list(_event_probes, prober, seed_list, events, budget)
+            probes, probe_seconds = probes + rows, probe_seconds + dt
             if step % probe_every == 0:
-                probes += _periodic_probes(
-                    prober, seed_list, state, eval_keys, step, was_active
-                )
-            seconds += time.perf_counter() - start_probes
+                rows, dt = _timed_list(
+                    _periodic_probes, prober, seed_list, state, eval_keys, step,
+                    was_active,
+                )  # fmt: skip
+                probes, probe_seconds = probes + rows, probe_seconds + dt
+                budget = [probe_events] * len(seed_list)
         summary = jax.tree.map(np.asarray, summary)
         if record_steps:
             traces.append({k: np.asarray(v) for k, v in trace.items()})
@@ -269,7 +280,6 @@ def run(
         seconds += dt
         for i in newly:
             solved_at[i] = (int(state.updates[i]), seconds)
-        step = min((chunk + 1) * eval_every, steps)
         rows = _chunk_rows(
             seed_list, summary, radii, state, was_active, newly, step, seconds
         )
@@ -313,6 +323,7 @@ def run(
         "config": config,
         "compile_seconds": compile_seconds,
         "seconds": seconds,
+        "probe_seconds": probe_seconds,
         "versions": {"jax": jax.__version__, "optax": optax.__version__},
         "summary": summary_rows,
         "records": records,
@@ -413,16 +424,29 @@ def _probe_one(prober, params, i, batch_key, probe_key, **columns) -> list[dict]
     return probe_rows(jax.tree.map(lambda v: np.asarray(v)[None], values), **columns)
 
 
+def _timed_list(fn, *args) -> tuple[list, float]:
+    start = time.perf_counter()
+    rows = fn(*args)
+    return rows, time.perf_counter() - start
+
+
+#: Folded into a seed's evaluation key for its probe keys (apart from chunk keys).
+_PROBE_STREAM = 2**20
+
+
 def _periodic_probes(prober, seeds, state, eval_keys, step, was_active=None):
-    """Probe every seed that was live in the chunk, on a fresh batch."""
+    """Probe every seed that was live in the chunk and has not diverged."""
     rows = []
+    diverged = np.asarray(state.diverged_step) >= 0
     keys = np.asarray(
-        jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, 11 + step)))(
-            eval_keys
-        )
+        jax.vmap(
+            lambda k: jax.random.split(
+                jax.random.fold_in(jax.random.fold_in(k, _PROBE_STREAM), step)
+            )
+        )(eval_keys)
     )
     for i, seed in enumerate(seeds):
-        if was_active is None or was_active[i]:
+        if (was_active is None or was_active[i]) and not diverged[i]:
             rows += _probe_one(
                 prober, state.params, i, keys[i, 0], keys[i, 1],
                 seed=seed, step=step, kind="periodic",
@@ -430,13 +454,18 @@ def _periodic_probes(prober, seeds, state, eval_keys, step, was_active=None):
     return rows
 
 
-def _event_probes(prober, seeds, events):
-    """Probe the kept explosions where they happened (same params, same batch)."""
+def _event_probes(prober, seeds, events, budget):
+    """Probe the kept explosions where they happened (same params, same batch).
+
+    ``budget[i]`` explosion probes are left to seed ``i`` until the next periodic
+    probe; it is decremented here, which bounds the probes' cost per interval.
+    """
     rows = []
     steps = np.asarray(events.step)
     batch_keys = np.asarray(events.batch_key)
     for i, seed in enumerate(seeds):
-        for j in np.flatnonzero(steps[i] >= 0):
+        for j in np.flatnonzero(steps[i] >= 0)[: budget[i]]:
+            budget[i] -= 1
             params = jax.tree.map(lambda p, i=i: p[i], events.params)
             probe_key = np.asarray(jax.random.fold_in(batch_keys[i, j], 1))
             rows += _probe_one(

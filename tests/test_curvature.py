@@ -361,3 +361,17 @@ def test_lanczos_jit_and_vmap():
             for x, y in zip(batched, single(matvec, starts[i], 8), strict=True):
                 np.testing.assert_allclose(x[i], y, atol=1e-12)
         np.testing.assert_array_equal(batched.basis[1, 1:], 0.0)
+
+
+def test_top_eigenpairs_float32_resolves_small_eigenvalues_under_an_exploding_one():
+    # An exploding top direction (1e5) must not hide the next ones in float32.
+    n = 100
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    lam = np.concatenate([[1e5, 100.0, 30.0], rng.uniform(-1, 1, n - 3)])
+    a = jnp.asarray((q * lam) @ q.T, jnp.float32)
+    like = {"x": jnp.zeros(n, jnp.float32)}
+    pairs = top_eigenpairs(
+        lambda v: {"x": a @ v["x"]}, like, jax.random.PRNGKey(0), num_iters=20, k=3
+    )
+    np.testing.assert_allclose(pairs.values, [1e5, 100.0, 30.0], rtol=1e-3)

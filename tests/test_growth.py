@@ -2,9 +2,11 @@
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis.growth import (
+    fit,
     growth_experiment,
     load_growth,
     measure,
@@ -122,3 +124,27 @@ def test_growth_command_writes_results_and_figures(tmp_path, capsys):
 def test_growth_command_needs_exactly_one_sweep(capsys):
     assert main(["growth", "--task", "temporal_order"]) == 2
     assert "--lengths" in capsys.readouterr().err
+
+
+def test_radius_sweeps_fit_a_power_law_and_report_negative_curvature():
+    rng = np.random.default_rng(0)
+    radius = np.repeat([1.0, 1.5, 2.0, 3.0], 6)
+    seed = np.tile(np.arange(6), 4)
+    noise = np.exp(0.01 * rng.normal(size=radius.size))
+    rows = pd.DataFrame(
+        {
+            "init": "basic_tanh", "source": "init", "seed": seed, "radius": radius,
+            "grad_norm": radius**3 * noise, "curv_gn": 2 * radius**6 * noise,
+            "curv_hessian": np.where(seed == 0, -1, 1) * radius**6,
+        }
+    )  # fmt: skip
+    fits = fit(rows, "radius").set_index(["kind", "quantity"])
+    assert fits.loc[("rate", "grad_norm"), "x"] == "log_radius"
+    assert fits.loc[("rate", "grad_norm"), "slope"] == pytest.approx(3, abs=0.05)
+    assert fits.loc[("loglog", "curv_gn"), "slope"] == pytest.approx(2, abs=0.05)
+    assert fits.loc[("rate", "curv_hessian"), "negative_fraction"] == pytest.approx(
+        1 / 6
+    )
+    assert fits.loc[("rate", "curv_gn"), "negative_fraction"] == 0
+    with pytest.raises(ConfigError, match="radius"):
+        measure("temporal_order", "radius", [1, 2, 3], radius=2.0)

@@ -107,6 +107,9 @@ def test_periodic_probes_at_start_and_every_interval(probed_run):
     assert probes["optimizer"].eq("sgd").all()
     assert {"top_eigenvalue", "curv_gn", "ritz_values"} <= set(probes.columns)
     assert len(probes) == len(probed_run.probes)
+    payload = store.read_run(probed_run.path)
+    assert payload["probe_seconds"] > 0
+    assert payload["config"]["probes"]["probe_every"] == 40
 
 
 def test_explosions_are_flagged_against_the_running_average(probed_run):
@@ -139,9 +142,9 @@ def test_explosion_probes_are_taken_where_the_gradient_exploded(probed_run):
         # Same parameters and the same batch: the same gradient norm.
         traced = steps.loc[(row.seed, row.step), "grad_norm"]
         np.testing.assert_allclose(row.grad_norm, traced, rtol=1e-4)
-    # At most probe_events per seed and chunk.
-    chunk = events["step"] // 20
-    assert events.groupby([events["seed"], chunk]).size().max() <= 2
+    # At most probe_events per seed between two periodic probes (every 40 steps).
+    interval = events["step"] // 40
+    assert events.groupby([events["seed"], interval]).size().max() <= 2
 
 
 def test_probe_arguments_are_checked_before_compiling():
