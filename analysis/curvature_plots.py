@@ -250,7 +250,8 @@ def growth_plot(
         ax.set(title=title, xlabel=LABELS.get(x, x))
         ax.set_ylabel("magnitude (log scale)")
         ax.legend(handles=handles, fontsize=7, loc="upper left")
-    fig.suptitle("Growth of gradient and curvature (lines: fitted exponential rates)")
+    kind = "power laws" if power else "exponential rates"
+    fig.suptitle(f"Growth of gradient and curvature (lines: fitted {kind})")
     return fig
 
 

@@ -241,12 +241,7 @@ def save_growth(path: str | Path, config: dict, rows: pd.DataFrame, fits: pd.Dat
 
 def growth_files(path: str | Path) -> list[Path]:
     """The growth result files in a directory (or the file given)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"no results at {path}")
-    return sorted(path.glob(f"*{GROWTH_SUFFIX}"))
+    return store.result_files(path, GROWTH_SUFFIX)
 
 
 def load_growth(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

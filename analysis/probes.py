@@ -187,7 +187,8 @@ def make_probe(task: Task, config: ProbeConfig = DEFAULT_PROBE) -> Callable:
 def probe_rows(values: dict[str, Any], **columns: Any) -> list[dict]:
     """Tidy rows from probe outputs with a leading axis (one row per entry).
 
-    Scalars become floats (non-finite ones stay NaN), vectors become lists; the
+    Scalars become floats (non-finite ones as they are: the run file stores them
+    as null, which reads back as NaN), vectors become lists; the
     keyword ``columns`` (``seed=[...]``, ``step=7``, ``kind="periodic"``) are added
     to every row: sequences give one value per row, anything else is repeated.
     """

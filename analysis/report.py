@@ -26,14 +26,9 @@ from runner import store
 from runner.table import comparison_table, group_columns
 
 
-def run_files(directory: str | Path) -> list[Path]:
-    """The training-run files of a directory (growth results are not runs)."""
-    return store.run_files(directory)
-
-
 def palette(directory: Path) -> plots.Palette:
     """One colour per optimizer label of the whole directory (shared by figures)."""
-    labels = [store.read_run(f)["config"]["label"] for f in run_files(directory)]
+    labels = [store.read_run(f)["config"]["label"] for f in store.run_files(directory)]
     return plots.optimizer_palette(labels)
 
 
@@ -44,7 +39,7 @@ def _has(frame: pd.DataFrame, *columns: str) -> bool:
 def wall_trajectories(directory: Path) -> pd.DataFrame:
     """Parameter paths ``(param_w, param_b)`` of the runs of the ``wall`` task."""
     frames = []
-    for file in run_files(directory):
+    for file in store.run_files(directory):
         config = store.read_run(file)["config"]
         if config["task"]["name"] != "wall":
             continue
@@ -315,7 +310,7 @@ def write_report(
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory} is not a results directory")
-    files = run_files(directory)
+    files = store.run_files(directory)
     growth_rows, _ = load_growth(directory)
     if not files and growth_rows.empty:
         raise ValueError(f"no runs or growth results in {directory}")

@@ -90,8 +90,14 @@ def unflatten_params(arrays: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def run_files(path: str | Path) -> list[Path]:
-    """The run files under a comparison directory (or the single file given)."""
+def result_files(
+    path: str | Path, suffix: str, exclude: tuple[str, ...] = ()
+) -> list[Path]:
+    """Files ``*<suffix>`` in a directory (or the single file given), sorted.
+
+    Hidden files (atomic-write temporaries) and names ending in ``exclude`` are
+    left out.
+    """
     path = Path(path)
     if path.is_file():
         return [path]
@@ -99,9 +105,14 @@ def run_files(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"no results at {path}")
     return sorted(
         p
-        for p in path.glob(f"*{RUN_SUFFIX}")
-        if not p.name.startswith(".") and not p.name.endswith(OTHER_SUFFIXES)
+        for p in path.glob(f"*{suffix}")
+        if not p.name.startswith(".") and not p.name.endswith(exclude)
     )
+
+
+def run_files(path: str | Path) -> list[Path]:
+    """The run files under a comparison directory (or the single file given)."""
+    return result_files(path, RUN_SUFFIX, exclude=OTHER_SUFFIXES)
 
 
 def read_run(path: str | Path) -> dict:

@@ -125,7 +125,7 @@ def test_report_with_probes_wall_and_growth(tmp_path):
     assert_self_contained(text)
     assert "<h1>My &lt;comparison&gt;</h1>" in text
     assert sections(text) == set(report.FIGURES)
-    files = report.run_files(tmp_path)
+    files = store.run_files(tmp_path)
     assert len(files) == 6  # the growth file is not a run
     assert len(table_rows(text, "comparison")) == len(files)
     assert len(table_rows(text, "runs")) == len(files)
