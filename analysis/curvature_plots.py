@@ -285,9 +285,11 @@ def spectrum_plot(
     """Hessian spectral density at the end of training and top eigenvalue along it.
 
     Left: the one-probe stochastic Lanczos quadrature densities (Ritz values and
-    weights, Gaussian-broadened by :func:`optimizers.curvature.spectral_density`)
-    of the last probe of every seed, averaged over seeds, one line per optimizer;
-    symlog eigenvalue axis, log density with a floor of ``floor`` times the peak.
+    weights) of the last probe of every seed, averaged over seeds, one line per
+    optimizer. They are Gaussian-broadened (:func:`optimizers.curvature.
+    spectral_density`) in ``t = asinh(lambda / c)``, ``c = 1e-3 max |lambda|``, so
+    that outliers and bulk get the same relative resolution on the symlog axis;
+    log density with a floor of ``floor`` times the peak.
     Right: the top Hessian eigenvalue (Lanczos) against step. One row per task
     configuration.
     """
@@ -304,22 +306,26 @@ def spectrum_plot(
         valid = np.isfinite(theta) & np.isfinite(weights)
         top = float(np.abs(theta[valid]).max()) if valid.any() else 0.0
         if top > 0:
-            sigma = 0.01 * float(np.ptp(theta[valid])) or 0.01 * top
-            theta, weights = np.where(valid, theta, 0.0), np.where(valid, weights, 0.0)
-            edge, thresh = top + 3 * sigma, max(1e-3 * top, sigma)
-            side = np.geomspace(thresh, edge, grid_size // 2)
-            grid = np.concatenate([-side[::-1], np.linspace(-thresh, thresh, 41), side])
+            # Broaden in t = asinh(lambda / c): a constant relative width for the
+            # outliers and the bulk alike, matching the symlog axis.
+            c = 1e-3 * top
+            t = np.arcsinh(np.where(valid, theta, 0.0) / c)
+            weights = np.where(valid, weights, 0.0)
+            span = float(np.ptp(t[valid])) or 1.0
+            sigma = max(0.01 * span, 0.05)
+            t_grid = np.linspace(t[valid].min() - 3 * sigma, t[valid].max() + 3 * sigma,
+                                 grid_size)  # fmt: skip
             for name in (n for n in palette if n in set(last["optimizer"])):
                 mine = (last["optimizer"] == name).to_numpy()
                 density = np.asarray(
-                    spectral_density(theta[mine], weights[mine], grid, sigma)
+                    spectral_density(t[mine], weights[mine], t_grid, sigma)
                 )
                 density = np.maximum(density, floor * max(density.max(), 1e-300))
-                left.plot(grid, density, color=palette[name], label=name)
-            left.set_xscale("symlog", linthresh=thresh, linscale=1.5)
+                left.plot(c * np.sinh(t_grid), density, color=palette[name], label=name)
+            left.set_xscale("symlog", linthresh=c, linscale=1.0)
             left.set_yscale("log")
         left.set(title=title, xlabel=r"Hessian eigenvalue $\lambda$ (symlog)")
-        left.set_ylabel("spectral density (SLQ, log)")
+        left.set_ylabel(r"density of asinh($\lambda/c$) (SLQ, log)")
         track = rows[rows["kind"] == "periodic"] if "kind" in rows else rows
         track = finite(track if len(track) else rows, ["top_eigenvalue"])
         sns.lineplot(

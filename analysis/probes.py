@@ -17,7 +17,9 @@ At parameters ``theta`` and a batch, with gradient ``g`` and ``u = g / ||g||``
   estimate of the spectral density);
 * ``smoothness = ||grad(theta - r u) - g|| / r``: the finite-difference local
   smoothness of Zhang et al. (ICLR 2020) over a step of length ``r`` along the
-  descent direction;
+  descent direction (in float32 its relative rounding error is about
+  ``eps ||g|| / (r ||H u||)``: raise ``fd_radius`` if the gradient is huge and
+  the curvature small);
 * ``spectral_radius`` of ``W_rec`` (NaN for tasks without one).
 
 The probe is a pure function: jit it, vmap it over seeds or batches. Its cost is
