@@ -171,20 +171,24 @@ def ratio_vs_x(
 ) -> Figure:
     """Curvature ratio ``|c| / ||g||`` (Hessian and Gauss-Newton) against ``x``.
 
-    One panel per initialization (and parameter source); lines are medians over seeds
+    One panel per experiment (without an ``experiment`` column: per task,
+    initialization and parameter source); lines are medians over seeds
     and batches. A flat line means curvature and gradient grow at the same rate.
     """
     need = [x, "ratio_hessian", "ratio_gn", "seed"]
     require_columns(growth_rows, need, "ratio_vs_x")
     rows = finite(_varying(growth_rows, x), list(RATIOS))
     long = rows.melt(
-        id_vars=[c for c in (x, "seed", "init", "source", "task") if c in rows],
+        id_vars=[
+            c for c in (x, "seed", "init", "source", "task", "experiment") if c in rows
+        ],
         value_vars=list(RATIOS), var_name="curvature", value_name="ratio",
     )  # fmt: skip
     long["curvature"] = long["curvature"].map(RATIOS)
     long["ratio"] = long["ratio"].abs()
     colours = dict(zip(RATIOS.values(), ("C3", "C2"), strict=True))
-    groups = panel_groups(long, ["task", "init", "source"])
+    keys = ["experiment"] if "experiment" in long else ["task", "init", "source"]
+    groups = panel_groups(long, keys)
     fig, axes = new_figure(1, len(groups))
     for ax, (title, part) in zip(axes[0], groups, strict=True):
         sns.lineplot(
