@@ -281,6 +281,13 @@ def test_curvature_ratio_draws_the_loglog_fit():
         assert f"{name}: L0=0.5, L1=0.3" in text
     assert "slope 1: bounded Newton step" in text
     assert "explosion probe" in text
+    # The drawn lines themselves: one fitted line per optimizer with slope 1.5 in
+    # log-log coordinates, and the dotted slope-1 reference.
+    slopes = sorted(
+        np.polyfit(np.log(line.get_xdata()), np.log(line.get_ydata()), 1)[0]
+        for line in left.get_lines()
+    )
+    np.testing.assert_allclose(slopes, [1.0] + [1.5] * len(OPTIMIZERS), atol=1e-6)
     sizes = np.concatenate([c.get_sizes() for c in left.collections])
     n_explosion = int((probes["kind"] == "explosion").sum())
     assert (sizes > 100).sum() == n_explosion  # large star markers
