@@ -132,8 +132,11 @@ def measure(
     tasks = {v: _task_at(task, task_hparams, x, v) for v in values}
     model = tasks[max(values)] if x == "length" else tasks[values[0]]
     grid = _probe_grid(model, config)
-    probe_keys = jnp.zeros((1, 1, 2), jnp.uint32)
-    steps = max(_sample(t, probe_keys).inputs.shape[2] for t in tasks.values())
+    shape_key = jax.ShapeDtypeStruct((1, 1, 2), jnp.uint32)
+    steps = max(
+        jax.eval_shape(lambda k, t=t: _sample(t, k), shape_key).inputs.shape[2]
+        for t in tasks.values()
+    )
     rows = []
     for value in values:
         t = tasks[value]
