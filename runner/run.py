@@ -15,10 +15,10 @@ import numpy as np
 import optax
 import pandas as pd
 
-from analysis.probes import ProbeConfig, check_probe_config, probe, probe_rows
 from optimizers.base import gradient_equivalents
 from optimizers.registry import check_optimizer, resolve_optimizer, traced_names
 from runner import store
+from runner.probing import check_probe_args, event_probes, periodic_probes
 from runner.train import Program, build_program, seed_keys, spectral_radii, timed
 from tasks.base import Task
 from tasks.hparams import ConfigError
@@ -179,7 +179,8 @@ def run(
         ``explosion_rate`` in the records).
       lanczos_iters: Hessian-vector products per probe's Lanczos run.
       record_params: add every parameter entry to the per-step traces (for small
-        models, e.g. the wall's trajectories; at most ``MAX_RECORDED_PARAMS``).
+        models, e.g. the wall's trajectories; at most
+        ``runner.probing.MAX_RECORDED_PARAMS``).
       out: comparison directory to write the run file into (None: do not write).
       progress: a tqdm-like bar updated with steps, loss and seeds solved.
       skip_existing: if ``out`` already holds this configuration's run file, load it
@@ -195,7 +196,7 @@ def run(
     spec = optimizer_spec(optimizer, opt_hparams)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     _check_run_args(seed_list, steps, eval_every, eval_size, checkpoint_every)
-    prober = _check_probe_args(
+    prober = check_probe_args(
         task, eval_every, probe_every, probe_events, explosion_factor, lanczos_iters,
         record_params,
     )  # fmt: skip
@@ -243,8 +244,8 @@ def run(
     # Explosion probes left per seed until the next periodic probe.
     budget = [probe_events] * len(seed_list)
     if prober is not None:
-        probes, probe_seconds = _timed_list(
-            _periodic_probes, prober, seed_list, state, eval_keys, 0
+        probes, probe_seconds = timed(
+            periodic_probes, prober, seed_list, state, eval_keys, 0
         )
     n_chunks = -(-steps // eval_every)
     for chunk in range(n_chunks):
@@ -263,11 +264,11 @@ def run(
         seconds += dt
         step = min((chunk + 1) * eval_every, steps)
         if prober is not None:
-            rows, dt = _timed_list(_event_probes, prober, seed_list, events, budget)
+            rows, dt = timed(event_probes, prober, seed_list, events, budget)
             probes, probe_seconds = probes + rows, probe_seconds + dt
             if step % probe_every == 0:
-                rows, dt = _timed_list(
-                    _periodic_probes, prober, seed_list, state, eval_keys, step,
+                rows, dt = timed(
+                    periodic_probes, prober, seed_list, state, eval_keys, step,
                     was_active,
                 )  # fmt: skip
                 probes, probe_seconds = probes + rows, probe_seconds + dt
@@ -364,115 +365,6 @@ def _check_run_args(seeds, steps, eval_every, eval_size, checkpoint_every) -> No
             f"'checkpoint_every' = {checkpoint_every} must be a positive multiple of "
             f"'eval_every' = {eval_every}"
         )
-
-
-MAX_RECORDED_PARAMS = 64
-
-
-def _check_probe_args(task, eval_every, probe_every, probe_events, factor, iters,
-                      record_params):  # fmt: skip
-    """Validate the probe settings; the probe function, or None without probes."""
-    if not isinstance(factor, int | float) or isinstance(factor, bool) or factor <= 1:
-        raise ConfigError(f"'explosion_factor' must be a number > 1, got {factor!r}")
-    if record_params:
-        n_params = sum(
-            int(np.prod(s.shape))
-            for s in jax.tree.leaves(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
-        )
-        if n_params > MAX_RECORDED_PARAMS:
-            raise ConfigError(
-                f"'record_params' is for small models (at most "
-                f"{MAX_RECORDED_PARAMS} parameters); this task has {n_params}"
-            )
-    if probe_every is None:
-        return None
-    if not isinstance(probe_every, int) or probe_every < 1 or probe_every % eval_every:
-        raise ConfigError(
-            f"'probe_every' = {probe_every!r} must be a positive multiple of "
-            f"'eval_every' = {eval_every}"
-        )
-    if not isinstance(probe_events, int) or probe_events < 0:
-        raise ConfigError(
-            f"'probe_events' must be a non-negative integer, got {probe_events!r}"
-        )
-    return cached_probe(task, ProbeConfig(lanczos_iters=iters))
-
-
-_PROBES: dict[tuple, Any] = {}
-
-
-def cached_probe(task: Task, config: ProbeConfig):
-    """``jit(params, batch_key, probe_key) -> probe`` of a task, compiled once.
-
-    The batch is sampled inside the compiled function from ``batch_key``: the same
-    batch the training step drew from that key.
-    """
-    key = (id(task), config)
-    if key not in _PROBES:
-        check_probe_config(config)
-
-        def at(params, batch_key, probe_key):
-            batch = task.sample_batch(batch_key)
-            return probe(task, params, batch, probe_key, config)
-
-        _PROBES[key] = (task, jax.jit(at))
-    return _PROBES[key][1]
-
-
-def _probe_one(prober, params, i, batch_key, probe_key, **columns) -> list[dict]:
-    values = prober(jax.tree.map(lambda p: p[i], params), batch_key, probe_key)
-    return probe_rows(jax.tree.map(lambda v: np.asarray(v)[None], values), **columns)
-
-
-def _timed_list(fn, *args) -> tuple[list, float]:
-    start = time.perf_counter()
-    rows = fn(*args)
-    return rows, time.perf_counter() - start
-
-
-#: Folded into a seed's evaluation key for its probe keys (apart from chunk keys).
-_PROBE_STREAM = 2**20
-
-
-def _periodic_probes(prober, seeds, state, eval_keys, step, was_active=None):
-    """Probe every seed that was live in the chunk and has not diverged."""
-    rows = []
-    diverged = np.asarray(state.diverged_step) >= 0
-    keys = np.asarray(
-        jax.vmap(
-            lambda k: jax.random.split(
-                jax.random.fold_in(jax.random.fold_in(k, _PROBE_STREAM), step)
-            )
-        )(eval_keys)
-    )
-    for i, seed in enumerate(seeds):
-        if (was_active is None or was_active[i]) and not diverged[i]:
-            rows += _probe_one(
-                prober, state.params, i, keys[i, 0], keys[i, 1],
-                seed=seed, step=step, kind="periodic",
-            )  # fmt: skip
-    return rows
-
-
-def _event_probes(prober, seeds, events, budget):
-    """Probe the kept explosions where they happened (same params, same batch).
-
-    ``budget[i]`` explosion probes are left to seed ``i`` until the next periodic
-    probe; it is decremented here, which bounds the probes' cost per interval.
-    """
-    rows = []
-    steps = np.asarray(events.step)
-    batch_keys = np.asarray(events.batch_key)
-    for i, seed in enumerate(seeds):
-        for j in np.flatnonzero(steps[i] >= 0)[: budget[i]]:
-            budget[i] -= 1
-            params = jax.tree.map(lambda p, i=i: p[i], events.params)
-            probe_key = np.asarray(jax.random.fold_in(batch_keys[i, j], 1))
-            rows += _probe_one(
-                prober, params, j, batch_keys[i, j], probe_key,
-                seed=seed, step=int(steps[i, j]), kind="explosion",
-            )  # fmt: skip
-    return rows
 
 
 def _success_tests(task, program, state, summary, was_active):
