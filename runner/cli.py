@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     growth.add_argument("--run", help="a run file: probe its saved parameters")
     growth.add_argument("--step", type=int, help="with --run: a checkpoint step")
-    growth.add_argument("--seeds", type=_positive, default=5)
+    growth.add_argument(
+        "--seeds", type=_positive, default=5, help="with --run: the run's seeds"
+    )
     growth.add_argument("--batches", type=_positive, default=4, help="per seed")
     growth.add_argument("--lanczos-iters", type=_positive, default=20)
     growth.add_argument("--name", help="file name (default: task-init-x)")
