@@ -377,6 +377,8 @@ def top_eigenpairs(
       num_iters: Lanczos steps (operator products).
       k: number of eigenpairs (at most ``num_iters``).
     """
+    if not 1 <= k <= num_iters:
+        raise ValueError(f"k = {k} must be between 1 and num_iters = {num_iters}")
     matvec, flat, unravel = _flat_matvec(operator, like)
     v0 = jax.random.normal(key, flat.shape, flat.dtype)
     result = lanczos_tridiagonal(matvec, v0, num_iters)

@@ -375,3 +375,9 @@ def test_top_eigenpairs_float32_resolves_small_eigenvalues_under_an_exploding_on
         lambda v: {"x": a @ v["x"]}, like, jax.random.PRNGKey(0), num_iters=20, k=3
     )
     np.testing.assert_allclose(pairs.values, [1e5, 100.0, 30.0], rtol=1e-3)
+
+
+def test_top_eigenpairs_rejects_more_pairs_than_iterations():
+    like = {"x": jnp.zeros(4)}
+    with pytest.raises(ValueError, match="num_iters"):
+        top_eigenpairs(lambda v: v, like, jax.random.PRNGKey(0), num_iters=3, k=4)
