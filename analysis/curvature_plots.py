@@ -85,7 +85,7 @@ def curvature_ratio(
     (:func:`fit_smoothness`, Zhang et al. 2020).
 
     Args:
-        probes: Probe rows (:func:`runner.store.load_probes`).
+        probes: Probe rows (:attr:`analysis.results.Results.probes`).
         curvature: ``"hessian"`` (``curv_hessian``) or ``"gauss_newton"``
             (``curv_gn``).
         palette: Optimizer colours.

@@ -24,7 +24,7 @@ Results are written as ``<name>.growth.json``: the configuration, the tidy rows
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,15 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from analysis import results
 from analysis.fit import growth_table
 from analysis.probes import SCALARS, ProbeConfig, check_probe_config, probe
-from runner import store
+from analysis.results import GROWTH_SUFFIX
 from tasks.base import Batch, Task
 from tasks.hparams import ConfigError, declared_hparams
 from tasks.registry import TASKS, make_task
 from tasks.rnn import spectral_radius
 
-GROWTH_SUFFIX = ".growth.json"
 X_CHOICES = ("length", "radius")
 #: Quantities whose growth is fitted (the sign of ``curv_hessian`` is dropped).
 FITTED = ("grad_norm", "curv_hessian", "curv_gn", "top_eigenvalue", "smoothness")
@@ -54,7 +54,10 @@ def rescale_recurrent(task: Task, params: dict, radius: float) -> dict:
         mask = task.recurrent_mask(params)
     except NotImplementedError:
         raise ConfigError(f"task {task.name!r} has no recurrent weights") from None
-    current = spectral_radius(task.recurrent_matrix(params))
+    matrix = task.recurrent_matrix(params)
+    if matrix is None:
+        raise ConfigError(f"task {task.name!r} has no recurrent matrix")
+    current = spectral_radius(matrix)
     scale = radius / jnp.where(current > 0, current, 1.0)
     return jax.tree.map(lambda p, m: p * scale if m else p, params, mask)
 
@@ -78,15 +81,20 @@ def _check(task, x, values, seeds, n_batches, radius) -> None:
     if x not in X_CHOICES:
         raise ConfigError(f"'x' must be one of {list(X_CHOICES)}, not {x!r}")
     if len(values) < 3:
-        raise ConfigError(f"'values' needs at least 3 values of {x} to fit a rate")
+        what = "lengths" if x == "length" else "radii"
+        raise ConfigError(
+            f"give at least 3 {what} to fit a growth rate, got {list(values)}"
+        )
     if x == "length" and any(int(v) != v or v < 2 for v in values):
         raise ConfigError(f"lengths must be integers >= 2, got {list(values)}")
-    if x == "radius" and any(not v > 0 for v in values):
+    if x == "radius" and any(not 0 < v < math.inf for v in values):
         raise ConfigError(f"radii must be positive, got {list(values)}")
     if not seeds:
         raise ConfigError("'seeds' must name at least one seed")
     if not isinstance(n_batches, int) or n_batches < 1:
         raise ConfigError(f"'batches' must be a positive integer, got {n_batches!r}")
+    if radius is not None and not 0 < radius < math.inf:
+        raise ConfigError(f"'radius' must be a positive number, got {radius!r}")
     if x == "radius" and radius is not None:
         raise ConfigError("'radius' rescales W_rec for a length sweep; with x = "
                           "'radius' the radii are the values")  # fmt: skip
@@ -234,43 +242,18 @@ def fit(rows: pd.DataFrame, x: str, confidence: float = 0.95) -> pd.DataFrame:
 
 def save_growth(path: str | Path, config: dict, rows: pd.DataFrame, fits: pd.DataFrame):
     """Write a growth result (configuration, rows, fits) atomically."""
-    payload = {
-        "config": config,
-        "rows": rows.to_dict(orient="records"),
-        "fits": fits.to_dict(orient="records"),
-    }
-    store.write_json(Path(path), payload)
-
-
-def growth_files(path: str | Path) -> list[Path]:
-    """The growth result files in a directory (or the file given)."""
-    return store.result_files(path, GROWTH_SUFFIX)
-
-
-def load_growth(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """All growth rows and fits under ``path`` (two empty frames when none)."""
-    rows, fits = [], []
-    for file in growth_files(path):
-        payload = json.loads(file.read_text())
-        name = payload["config"].get("name", file.name[: -len(GROWTH_SUFFIX)])
-        for part, out in (("rows", rows), ("fits", fits)):
-            frame = pd.DataFrame(payload[part])
-            frame["experiment"] = name
-            out.append(frame)
-    if not rows:
-        return pd.DataFrame(), pd.DataFrame()
-    return pd.concat(rows, ignore_index=True), pd.concat(fits, ignore_index=True)
+    results.write_growth(Path(path), config, rows, fits)
 
 
 def run_params(run_file: str | Path, step: int | None = None) -> tuple[dict, Any]:
     """A run's configuration and its saved parameters (final, or a checkpoint)."""
-    config = store.read_run(run_file)["config"]
-    if step is not None and step not in store.checkpoint_steps(run_file):
+    config = results.read_run(run_file)["config"]
+    if step is not None and step not in results.checkpoint_steps(run_file):
         raise ConfigError(
             f"run {Path(run_file).name} has no checkpoint at step {step}; saved "
-            f"steps: {store.checkpoint_steps(run_file)}"
+            f"steps: {results.checkpoint_steps(run_file)}"
         )
-    return config, store.load_params(run_file, step)
+    return config, results.load_params(run_file, step)
 
 
 def growth_experiment(

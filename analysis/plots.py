@@ -1,8 +1,8 @@
 """Training plots: loss curves, gradient and spectral-radius traces, success, wall.
 
-Every function takes tidy pandas frames (one row per run, seed and step, as written by
-:mod:`runner.store`) and returns a :class:`matplotlib.figure.Figure` drawn on the Agg
-canvas, so plotting never needs a display. Colours follow :func:`optimizer_palette`:
+Every function takes tidy pandas frames (one row per run, seed and step, as read by
+:mod:`analysis.results`) and returns a :class:`matplotlib.figure.Figure` drawn on
+the Agg canvas, so plotting never needs a display. Colours follow :func:`optimizer_palette`:
 one colour per optimizer label, the same in every figure drawn with the same palette.
 
 Seed bands: lines are the median over seeds and the shaded band covers the middle
@@ -163,7 +163,7 @@ def training_curves(
     """``y`` against update step, one panel per task configuration, hue optimizer.
 
     Args:
-        records: Tidy records (:func:`runner.store.load`).
+        records: Tidy records (:attr:`analysis.results.Results.records`).
         y: Column to plot (``eval_loss``, ``eval_error``, ``loss``, ...). Loss columns
             go on a log scale when positive.
         palette: Optimizer colours (default: :func:`optimizer_palette` of the data).

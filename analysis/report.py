@@ -21,31 +21,27 @@ from matplotlib.figure import Figure
 
 from analysis import curvature_plots as cp
 from analysis import plots
-from analysis.growth import load_growth
-from runner import store
-from runner.table import comparison_table, group_columns
+from analysis.results import Results
+from analysis.table import comparison_table, group_columns
 
 
-def palette(directory: Path) -> plots.Palette:
+def palette(results: Results) -> plots.Palette:
     """One colour per optimizer label of the whole directory (shared by figures)."""
-    labels = [store.read_run(f)["config"]["label"] for f in store.run_files(directory)]
-    return plots.optimizer_palette(labels)
+    return plots.optimizer_palette(results.labels)
 
 
 def _has(frame: pd.DataFrame, *columns: str) -> bool:
     return not frame.empty and all(c in frame.columns for c in columns)
 
 
-def wall_trajectories(directory: Path) -> pd.DataFrame:
+def wall_trajectories(results: Results) -> pd.DataFrame:
     """Parameter paths ``(param_w, param_b)`` of the runs of the ``wall`` task."""
     frames = []
-    for file in store.run_files(directory):
-        config = store.read_run(file)["config"]
+    for run in results.runs:
+        config = run["config"]
         if config["task"]["name"] != "wall":
             continue
-        if not file.with_suffix(".steps.npz").is_file():
-            continue
-        steps = store.load_steps(file)
+        steps = results.steps(run)
         if _has(steps, "param_w", "param_b"):
             frames.append(
                 steps.assign(optimizer=config["label"], run_id=config["run_id"])
@@ -64,66 +60,64 @@ def growth_x(rows: pd.DataFrame) -> str | None:
     return None
 
 
-def _curves(y: str) -> Callable[[Path], Figure | None]:
-    def build(directory: Path) -> Figure | None:
-        records = store.load(directory)
-        if not _has(records, "step", "seed", y):
+def _curves(y: str) -> Callable[[Results], Figure | None]:
+    def build(results: Results) -> Figure | None:
+        if not _has(results.records, "step", "seed", y):
             return None
-        return plots.training_curves(records, y, palette(directory))
+        return plots.training_curves(results.records, y, palette(results))
 
     return build
 
 
-def _traces(directory: Path) -> Figure | None:
-    records = store.load(directory)
+def _traces(results: Results) -> Figure | None:
+    records = results.records
     if not _has(records, "step", "seed", "grad_norm_mean", "spectral_radius"):
         return None
-    return plots.traces(records, palette(directory))
+    return plots.traces(records, palette(results))
 
 
-def _success(directory: Path) -> Figure | None:
-    summary = store.load_summary(directory)
+def _success(results: Results) -> Figure | None:
+    summary = results.summary
     if not _has(summary, "length", "status") or summary["length"].nunique() < 2:
         return None
-    return plots.success_vs_length(summary, palette(directory))
+    return plots.success_vs_length(summary, palette(results))
 
 
-def _curvature(kind: str, column: str) -> Callable[[Path], Figure | None]:
-    def build(directory: Path) -> Figure | None:
-        probes = store.load_probes(directory)
-        if not _has(probes, "grad_norm", column, "smoothness", "kind"):
+def _curvature(kind: str, column: str) -> Callable[[Results], Figure | None]:
+    def build(results: Results) -> Figure | None:
+        if not _has(results.probes, "grad_norm", column, "smoothness", "kind"):
             return None
-        return cp.curvature_ratio(probes, kind, palette(directory))
+        return cp.curvature_ratio(results.probes, kind, palette(results))
 
     return build
 
 
-def _spectrum(directory: Path) -> Figure | None:
-    probes = store.load_probes(directory)
+def _spectrum(results: Results) -> Figure | None:
+    probes = results.probes
     if not _has(probes, "ritz_values", "ritz_weights", "top_eigenvalue"):
         return None
-    return cp.spectrum_plot(probes, palette(directory))
+    return cp.spectrum_plot(probes, palette(results))
 
 
-def _wall(directory: Path) -> Figure | None:
-    paths = wall_trajectories(directory)
-    return None if paths.empty else plots.wall_plot(paths, palette=palette(directory))
+def _wall(results: Results) -> Figure | None:
+    paths = wall_trajectories(results)
+    return None if paths.empty else plots.wall_plot(paths, palette=palette(results))
 
 
-def _growth(directory: Path) -> Figure | None:
-    rows, fits = load_growth(directory)
+def _growth(results: Results) -> Figure | None:
+    rows, fits = results.growth_rows, results.growth_fits
     x = growth_x(rows) if not rows.empty else None
     return None if x is None else cp.growth_plot(rows, fits, x)
 
 
-def _ratio(directory: Path) -> Figure | None:
-    rows, _ = load_growth(directory)
+def _ratio(results: Results) -> Figure | None:
+    rows = results.growth_rows
     x = growth_x(rows) if _has(rows, "ratio_hessian", "ratio_gn") else None
     return None if x is None else cp.ratio_vs_x(rows, x)
 
 
 #: Figure name -> builder from a results directory (None: the data is absent).
-FIGURES: dict[str, Callable[[Path], Figure | None]] = {
+FIGURES: dict[str, Callable[[Results], Figure | None]] = {
     "training": _curves("eval_loss"),
     "error": _curves("eval_error"),
     "traces": _traces,
@@ -232,7 +226,7 @@ def comparison_html(summary: pd.DataFrame) -> str:
     """The comparison table (one row per configuration) as HTML.
 
     Length and initialization are shown even where they do not vary (the table of
-    :func:`runner.table.comparison_table` keeps only varying settings).
+    :func:`analysis.table.comparison_table` keeps only varying settings).
     """
     if summary.empty:
         return "<p>(no per-seed outcomes recorded)</p>"
@@ -250,11 +244,10 @@ def comparison_html(summary: pd.DataFrame) -> str:
     return html_table(shown.rename(columns=headers), formats, "comparison")
 
 
-def runs_html(files: list[Path]) -> str:
+def runs_html(results: Results) -> str:
     """One row per run: id, optimizer label, task, seeds, outcomes, probes."""
     rows = []
-    for file in files:
-        run = store.read_run(file)
+    for run in results.runs:
         config = run["config"]
         status = pd.Series([s.get("status") for s in run.get("summary", [])])
         counts = ", ".join(f"{n} {s}" for s, n in status.value_counts().items())
@@ -270,10 +263,10 @@ def runs_html(files: list[Path]) -> str:
     return html_table(frame, {"seeds": "{}", "steps": "{}", "probes": "{}"}, "runs")
 
 
-def _figure_section(name: str, directory: Path) -> str:
+def _figure_section(name: str, results: Results) -> str:
     title, caption = CAPTIONS.get(name, (name, ""))
     try:
-        fig = FIGURES[name](directory)
+        fig = FIGURES[name](results)
     except Exception as error:  # a broken figure must not cost the whole report
         warnings.warn(f"figure {name!r} failed: {error!r}", stacklevel=2)
         return (
@@ -291,12 +284,15 @@ def _figure_section(name: str, directory: Path) -> str:
 
 
 def write_report(
-    directory: str | Path, out: str | Path | None = None, title: str | None = None
+    directory: str | Path | Results,
+    out: str | Path | None = None,
+    title: str | None = None,
 ) -> Path:
     """Write a self-contained HTML report of a results directory.
 
     Args:
-        directory: A comparison directory (run files, probes, growth results).
+        directory: A comparison directory (run files, probes, growth results), or
+            the :class:`~analysis.results.Results` already loaded from one.
         out: The HTML file (default ``<directory>/report.html``).
         title: Page title (default: the directory name).
 
@@ -304,16 +300,11 @@ def write_report(
         The path written.
 
     Raises:
-        ValueError: when ``directory`` is not a directory or holds neither runs nor
-            growth results.
+        ResultsError: when ``directory`` does not exist, holds a damaged file, or
+            holds neither runs nor growth results.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a results directory")
-    files = store.run_files(directory)
-    growth_rows, _ = load_growth(directory)
-    if not files and growth_rows.empty:
-        raise ValueError(f"no runs or growth results in {directory}")
+    results = directory if isinstance(directory, Results) else Results.load(directory)
+    directory = results.path
     title = title or f"curvbench report: {directory.name}"
     out = Path(out) if out is not None else directory / "report.html"
     parts = [
@@ -322,11 +313,11 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
     ]
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    info = f"Generated {now} from {directory.resolve()}: {len(files)} runs"
-    if files:
-        summary = store.load_summary(directory)
+    info = f"Generated {now} from {directory.resolve()}: {len(results.runs)} runs"
+    if results.runs:
+        summary = results.summary
         tasks = ", ".join(sorted(summary["task"].astype(str).unique()))
-        labels = ", ".join(palette(directory))
+        labels = ", ".join(palette(results))
         info = f"{info}; tasks: {tasks}; optimizers: {labels}."
         parts.append(f"<p>{html.escape(info)}</p>")
         parts += [
@@ -338,9 +329,9 @@ def write_report(
         ]
     else:
         parts.append(f"<p>{html.escape(info)}; growth experiments only.</p>")
-    parts += [_figure_section(name, directory) for name in FIGURES]
-    if files:
-        parts += ["<h2>Runs</h2>", runs_html(files)]
+    parts += [_figure_section(name, results) for name in FIGURES]
+    if results.runs:
+        parts += ["<h2>Runs</h2>", runs_html(results)]
     parts.append("</body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(p for p in parts if p), encoding="utf-8")

@@ -13,9 +13,6 @@ annotations) is static and part of the compilation key.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +21,7 @@ import optax
 from optimizers import diagonal, first_order, quasi_newton
 from optimizers.hessian_free import hessian_free
 from tasks.hparams import ConfigError, check_hparams, declared_hparams
+from tasks.plugins import import_object, is_import_path
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": first_order.sgd,
@@ -48,45 +46,17 @@ def register_optimizer(name: str, factory: Callable, overwrite: bool = False):
     return factory
 
 
-def _import_module(name: str):
-    """Import ``name``, also from the working directory (as ``python -m`` would).
-
-    The ``curvbench`` console script does not put the working directory on
-    ``sys.path``; users expect their own modules next to their comparison files to
-    be found all the same.
-    """
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError:
-        cwd = os.getcwd()
-        if cwd in sys.path:
-            raise
-        sys.path.insert(0, cwd)
-        return importlib.import_module(name)
-
-
-def _import(path: str) -> Any:
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    try:
-        module = _import_module(module_name)
-        return getattr(module, attr)
-    except (ImportError, AttributeError, ValueError, TypeError) as err:
-        raise ConfigError(f"optimizer {path!r} cannot be imported: {err}") from None
-
-
 def resolve_optimizer(name: str) -> Callable[..., optax.GradientTransformation]:
     """The factory registered as ``name``, or imported from the path ``name``."""
     if name in OPTIMIZERS:
         return OPTIMIZERS[name]
-    if "." not in name and ":" not in name:
+    if not is_import_path(name):
         valid = ", ".join(sorted(OPTIMIZERS))
         raise ConfigError(
             f"unknown optimizer {name!r}; valid: {valid} (or an import path such as "
             "optax.adam)"
         )
-    obj = _import(name)
+    obj = import_object(name, "optimizer")
     if isinstance(obj, optax.GradientTransformation):
         return lambda: obj
     if not callable(obj):

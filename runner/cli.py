@@ -16,6 +16,8 @@ anything is compiled.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -47,61 +49,62 @@ def _cmd_optimizers(args) -> int:
     return 0
 
 
-def _run_args(args) -> dict:
-    out = {}
-    for name in (
-        "steps", "eval_every", "eval_size", "curvature_batch_size", "probe_every",
-        "explosion_factor",
-    ):  # fmt: skip
-        value = getattr(args, name, None)
-        if value is not None:
-            out[name] = value
-    if getattr(args, "seeds", None) is not None:
-        out["seeds"] = args.seeds
-    return out
+def _run_options(args) -> dict:
+    """The run options given as flags (each derived from :class:`RunOptions`)."""
+    from runner.options import option_specs
+
+    return {
+        name: getattr(args, name)
+        for name in option_specs()
+        if getattr(args, name, None) is not None
+    }
 
 
 def _cmd_run(args) -> int:
     from runner.config import parse_assignments, parse_comparison
-    from runner.table import show
 
     task_hp = parse_assignments(args.task_param, "--task-param")
     opt_hp = parse_assignments(args.opt_param, "--opt-param")
+    for reserved in ("name", "label", "grid", "task"):
+        for what, given in (("--task-param", task_hp), ("--opt-param", opt_hp)):
+            if reserved in given:
+                raise ConfigError(f"{what} cannot set {reserved!r}")
     entry_opt = {"name": args.optimizer, **opt_hp}
     if args.label:
         entry_opt["label"] = args.label
     data = {"task": [{"name": args.task, **task_hp}], "optimizer": [entry_opt]}
-    comparison = parse_comparison(data, f"run-{args.task}-{args.optimizer}")
-    out = _compare(comparison, args.out, _run_args(args), args)
-    print(show(out))
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"run-{args.task}-{args.optimizer}")
+    comparison = parse_comparison(data, name, overrides=_run_options(args))
+    return _compare(comparison, args)
+
+
+def _compare(comparison, args) -> int:
+    from analysis.table import show
+    from runner.compare import compare, results_dir
+
+    out = results_dir(comparison, args.out)
+    outcome = compare(comparison, out, progress=None if not args.quiet else False)
+    if outcome.results:
+        print(show(out, markdown=getattr(args, "markdown", False)))
     print(f"\nresults: {out}")
-    return 0
-
-
-def _compare(comparison, out, overrides, args) -> Path:
-    from runner.compare import compare, default_out
-
-    out = Path(out or comparison.out or default_out(comparison.name))
-    compare(comparison, out, overrides, progress=None if not args.quiet else False)
-    return out
+    for failure in outcome.failures:
+        print(
+            f"curvbench: error: run {failure.label!r} on {failure.task} failed: "
+            f"{failure.error}",
+            file=sys.stderr,
+        )
+    return 1 if outcome.failures else 0
 
 
 def _cmd_compare(args) -> int:
     from runner.config import read_comparison
-    from runner.table import show
 
-    comparison = read_comparison(args.file)
-    out = _compare(comparison, args.out, _run_args(args), args)
-    print(show(out, markdown=args.markdown))
-    print(f"\nresults: {out}")
-    return 0
+    return _compare(read_comparison(args.file, _run_options(args)), args)
 
 
 def _cmd_show(args) -> int:
-    from runner.table import show
+    from analysis.table import show
 
-    if not Path(args.dir).exists():
-        raise ConfigError(f"results directory {args.dir!r} does not exist")
     print(show(args.dir, markdown=args.markdown))
     return 0
 
@@ -159,18 +162,45 @@ def _cmd_report(args) -> int:
 def _cmd_plot(args) -> int:
     from analysis.plots import save_figure
     from analysis.report import FIGURES
+    from analysis.results import Results
 
     if args.name not in FIGURES:
         raise ConfigError(f"unknown plot {args.name!r}; choose from {sorted(FIGURES)}")
-    if not Path(args.dir).exists():
-        raise ConfigError(f"results directory {args.dir!r} does not exist")
-    fig = FIGURES[args.name](Path(args.dir))
+    fig = FIGURES[args.name](Results.load(args.dir))
     if fig is None:
         raise ConfigError(f"{args.dir} has no data for the {args.name!r} plot")
     stem = Path(args.out) if args.out else Path(args.dir) / args.name
     for path in save_figure(fig, stem, formats=tuple(args.format)):
         print(path)
     return 0
+
+
+def _option_value(text: str):
+    """A run option's value: TOML syntax (``5``, ``[0, 3]``, ``true``, ``1e-3``).
+
+    Types and ranges are checked by :class:`runner.options.RunOptions`.
+    """
+    from runner.config import parse_value
+
+    return parse_value(text)
+
+
+def _metavar(spec) -> str:
+    if spec.kind is bool:
+        return "true|false"
+    if spec.kind in (int, float):
+        return spec.kind.__name__.upper()
+    return "N|[SEEDS]"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -192,22 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tasks", help="list tasks and their hyperparameters")
     sub.add_parser("optimizers", help="list optimizers and their hyperparameters")
 
-    def run_options(p, defaults: bool):
-        p.add_argument("--seeds", type=_positive, help="number of seeds")
-        p.add_argument("--steps", type=_positive, help="maximum updates per seed")
-        p.add_argument("--eval-every", type=_positive, help="steps between evaluations")
-        p.add_argument("--eval-size", type=_positive, help="sequences per evaluation")
-        p.add_argument("--curvature-batch-size", type=_positive)
+    def run_options(p):
+        from runner.options import option_help, option_specs
+
+        for name, spec in option_specs().items():
+            p.add_argument(
+                "--" + name.replace("_", "-"),
+                type=_option_value,
+                metavar=_metavar(spec),
+                help=f"{option_help(name)} (default: {spec.default})",
+            )
         p.add_argument("--out", help="results directory (default: results/<name>)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument(
-            "--probe-every", type=_positive,
-            help="curvature probes every N steps (multiple of --eval-every)",
-        )  # fmt: skip
-        p.add_argument(
-            "--explosion-factor", type=float,
-            help="explosion: grad norm above this factor x running average",
-        )  # fmt: skip
 
     run = sub.add_parser("run", help="train one task/optimizer over several seeds")
     run.add_argument("--task", required=True)
@@ -219,12 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--opt-param", "-o", action="append", metavar="NAME=VALUE", help="repeatable"
     )
-    run_options(run, True)
+    run_options(run)
 
     cmp = sub.add_parser("compare", help="run a comparison TOML file")
     cmp.add_argument("file")
     cmp.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    run_options(cmp, False)
+    run_options(cmp)
 
     show = sub.add_parser("show", help="print the comparison table of a results dir")
     show.add_argument("dir")
@@ -238,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     growth.add_argument("--lengths", type=_numbers, help="e.g. 10,20,40,80")
     growth.add_argument("--radii", type=_numbers, help="spectral radii of W_rec")
     growth.add_argument(
-        "--radius", type=float, help="with --lengths: rescale W_rec to this radius"
-    )
+        "--radius", type=_positive_float,
+        help="with --lengths: rescale W_rec to this radius",
+    )  # fmt: skip
     growth.add_argument("--run", help="a run file: probe its saved parameters")
     growth.add_argument("--step", type=int, help="with --run: a checkpoint step")
     growth.add_argument(

@@ -1,6 +1,12 @@
-"""Comparison files: a TOML grid of tasks x lengths x optimizers x seeds.
+"""Run configurations and comparison files, validated before anything compiles.
 
-Example::
+A :class:`RunConfig` is one frozen, validated run: a task (by name or import path, with
+its complete hyperparameters, or a ready :class:`~tasks.base.Task`), an optimizer (by
+name, import path or a ready transformation), a label and the
+:class:`~runner.options.RunOptions`. Its :meth:`RunConfig.describe` is what a run file
+stores and its :attr:`RunConfig.run_id` names the file.
+
+A comparison file is a TOML grid of tasks x optimizers, every combination a run::
 
     name = "quickstart"
     seeds = 3
@@ -8,14 +14,9 @@ Example::
     eval_every = 250
 
     [[task]]
-    name = "temporal_order"
+    name = "temporal_order"             # or an import path: "my_tasks:my_task"
     hidden = 32
     grid = { length = [20, 40] }        # every combination of grid values is a run
-
-    [[optimizer]]
-    name = "sgd"
-    label = "SGD"
-    learning_rate = 0.01
 
     [[optimizer]]
     name = "sgd_clip"
@@ -24,90 +25,249 @@ Example::
 
     [[optimizer]]
     name = "hf"
-    label = "HF"
-    steps = 300                          # run arguments of this optimizer only
-    curvature_batch_size = 50
+    steps = 300                          # run options of this optimizer only
     task = { batch_size = 200 }          # task overrides of this optimizer only
 
-Every entry is validated (names, hyperparameters, ranges) when the file is read, before
-anything is compiled or run.
+:func:`read_comparison` validates every run of the file (names, hyperparameters, run
+options, memory) before the first one trains, and puts the file's folder on the
+plug-in search path, so modules next to it can be named by import path.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from optimizers.registry import check_optimizer
+import optax
+
+from optimizers.registry import check_optimizer, resolve_optimizer, traced_names
+from runner.options import RunOptions, option_specs
+from tasks.base import Task
 from tasks.hparams import ConfigError
-from tasks.registry import make_task
+from tasks.plugins import add_plugin_folder
+from tasks.registry import check_task, make_task
 
-RUN_KEYS = {
-    "seeds": int | list,
-    "steps": int,
-    "eval_every": int,
-    "eval_size": int,
-    "curvature_batch_size": int,
-    "checkpoint_every": int,
-    "record_steps": bool,
-    "probe_every": int,
-    "probe_events": int,
-    "explosion_factor": int | float,
-    "lanczos_iters": int,
-    "record_params": bool,
-}
-TOP_KEYS = ("name", "description", "out", "task", "optimizer", *RUN_KEYS)
+#: Fields of a comparison file besides the run options.
+COMPARISON_FIELDS = ("name", "description", "out", "task", "optimizer")
+#: Keys of a [[task]] or [[optimizer]] table that are not hyperparameters.
+_ENTRY_KEYS = ("name", "label", "grid", "task")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-class RunSpec(NamedTuple):
-    """One run of a comparison grid."""
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """A validated optimizer: factory, static and traced hyperparameters.
 
-    task: str
-    task_hparams: dict
-    optimizer: str
-    opt_hparams: dict
-    label: str
-    run_args: dict | None = None  # this optimizer's run arguments (override the file's)
-
-
-class Comparison(NamedTuple):
-    """A parsed, validated comparison file."""
+    Traced hyperparameters (plain ``float`` in the factory's signature) are arguments
+    of the compiled program, so a sweep over them compiles once.
+    """
 
     name: str
-    runs: list[RunSpec]
-    run_args: dict  # seeds, steps, eval_every, ... for runner.run
-    out: str | None
+    factory: Any
+    static: dict
+    traced: dict
+
+    @property
+    def hparams(self) -> dict:
+        return {**self.static, **self.traced}
+
+    def build(self, traced_values: dict) -> optax.GradientTransformationExtraArgs:
+        """The transformation for the given traced values (called inside jit)."""
+        return optax.with_extra_args_support(
+            self.factory(**self.static, **traced_values)
+        )
+
+    def check_builds(self) -> None:
+        """Call the factory once: it must return an optax transformation."""
+        try:
+            opt = self.factory(**self.hparams)
+        except Exception as err:
+            raise ConfigError(
+                f"optimizer {self.name!r} failed to build: {type(err).__name__}: {err}"
+            ) from None
+        if not isinstance(opt, optax.GradientTransformation):
+            raise ConfigError(
+                f"optimizer {self.name!r} returned {type(opt).__name__}, not an optax "
+                "GradientTransformation"
+            )
 
 
-#: Keys of an [[optimizer]] table that are not optimizer hyperparameters.
-OPTIMIZER_KEYS = ("name", "label", "grid", "task", *RUN_KEYS)
+def optimizer_spec(optimizer: Any, hparams: dict | None = None) -> OptimizerSpec:
+    """Validate an optimizer given by name, import path or transformation."""
+    hparams = dict(hparams or {})
+    if isinstance(optimizer, optax.GradientTransformation):
+        if hparams:
+            raise ConfigError("hyperparameters cannot be set on a ready transformation")
+        return OptimizerSpec("custom", lambda: optimizer, {}, {})
+    if not isinstance(optimizer, str):
+        raise ConfigError(
+            f"optimizer must be a name or a transformation: {optimizer!r}"
+        )
+    full = check_optimizer(optimizer, hparams)
+    traced = {k: full[k] for k in traced_names(optimizer)}
+    static = {k: v for k, v in full.items() if k not in traced}
+    return OptimizerSpec(optimizer, resolve_optimizer(optimizer), static, traced)
 
 
-def _grid(entry: dict, where: str, reserved=("name", "label", "grid")) -> list[dict]:
+_TASKS: dict[str, Task] = {}
+
+
+def cached_task(name: str, hparams: dict) -> Task:
+    """Build a task once per configuration (runs of it share compiled programs)."""
+    key = json.dumps([name, hparams], sort_keys=True)
+    if key not in _TASKS:
+        _TASKS[key] = make_task(name, **hparams)
+    return _TASKS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One validated run: task, optimizer, label and run options.
+
+    Build it with :func:`run_config` (validating), not directly.
+    """
+
+    task_name: str | None  # registry name or import path; None for a Task object
+    task_hparams: dict  # complete and validated (empty for a Task object)
+    optimizer: OptimizerSpec
+    label: str
+    options: RunOptions
+    task_object: Task | None = None
+
+    @property
+    def task(self) -> Task:
+        """The task (built once per configuration)."""
+        if self.task_object is not None:
+            return self.task_object
+        return cached_task(self.task_name, self.task_hparams)
+
+    def describe(self) -> dict:
+        """The configuration stored in the run file (and hashed into the run id)."""
+        opts = self.options
+        if self.task_object is not None:
+            task = self.task_object.describe()
+        else:
+            task = {"name": self.task_name, **self.task_hparams}
+        config = {
+            "task": task,
+            "optimizer": {
+                "name": self.optimizer.name,
+                "hparams": self.optimizer.hparams,
+            },
+            "label": self.label,
+            "seeds": list(opts.seeds),
+            "steps": opts.steps,
+            "eval_every": opts.eval_every,
+            "eval_size": opts.eval_size,
+            "curvature_batch_size": opts.curvature_batch_size,
+            "explosion_factor": opts.explosion_factor,
+        }
+        if opts.record_params:
+            config["record_params"] = True
+        if opts.probe_every is not None:
+            config["probes"] = {
+                "probe_every": opts.probe_every,
+                "probe_events": opts.probe_events,
+                "lanczos_iters": opts.lanczos_iters,
+            }
+        return {**config, "run_id": run_id_for(config)}
+
+    @property
+    def run_id(self) -> str:
+        return self.describe()["run_id"]
+
+
+def run_id_for(config: dict) -> str:
+    """A readable, unique file name: task, length and init, label, and a digest.
+
+    The digest covers the whole configuration (every task and optimizer
+    hyperparameter and every run option that changes results).
+    """
+    task = config["task"]
+    parts = [task["name"]]
+    if "length" in task:
+        parts.append(f"L{task['length']}")
+    if "init" in task:
+        parts.append(task["init"])
+    parts.append(config["label"])
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", "-".join(str(p) for p in parts))
+    return f"{slug}-{digest}"
+
+
+def run_config(
+    task: str | Task,
+    optimizer: str | optax.GradientTransformation,
+    *,
+    task_hparams: dict | None = None,
+    opt_hparams: dict | None = None,
+    label: str | None = None,
+    **options: Any,
+) -> RunConfig:
+    """Validate one run; ``options`` are :class:`RunOptions` fields."""
+    if isinstance(task, Task):
+        if task_hparams:
+            raise ConfigError("task_hparams are only accepted with a task name")
+        task_name, hparams, task_object = None, {}, task
+    elif isinstance(task, str):
+        task_name, hparams, task_object = (
+            task,
+            check_task(task, task_hparams or {}),
+            None,
+        )
+    else:
+        raise ConfigError(f"task must be a name, an import path or a Task: {task!r}")
+    spec = optimizer_spec(optimizer, opt_hparams)
+    if label is not None and not isinstance(label, str):
+        raise ConfigError(f"optimizer 'label' = {label!r} must be a string")
+    opts = RunOptions.from_dict(options, "run option")
+    config = RunConfig(task_name, hparams, spec, label or spec.name, opts, task_object)
+    from runner.resources import check_resources  # needs JAX: imported on use
+
+    check_resources(config)
+    return config
+
+
+# --------------------------------------------------------------------- comparison files
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A parsed comparison: its name, output directory and validated runs."""
+
+    name: str
+    runs: tuple[RunConfig, ...]
+    out: str | None = None
+    description: str = ""
+
+
+def _string(table: dict, key: str, where: str) -> str | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where} {key!r} = {value!r} must be a string")
+    return value
+
+
+def _grid(entry: dict, where: str) -> list[dict]:
     grid = entry.get("grid", {})
     if not isinstance(grid, dict):
         raise ConfigError(f"{where}: 'grid' must be a table of lists")
-    fixed = {k: v for k, v in entry.items() if k not in reserved}
-    names = list(grid)
-    values = []
-    for key in names:
-        if not isinstance(grid[key], list) or not grid[key]:
+    fixed = {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
+    for key, values in grid.items():
+        if key in _ENTRY_KEYS:
+            raise ConfigError(f"{where}: {key!r} cannot be swept in 'grid'")
+        if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: grid.{key} must be a non-empty list")
         if key in fixed:
             raise ConfigError(f"{where}: {key!r} is both fixed and in the grid")
-        values.append(grid[key])
     return [
-        {**fixed, **dict(zip(names, combo, strict=True))}
-        for combo in itertools.product(*values)
+        {**fixed, **dict(zip(grid, combo, strict=True))}
+        for combo in itertools.product(*grid.values())
     ]
-
-
-def _label(entry: dict, hparams: dict) -> str:
-    label = entry.get("label", entry["name"])
-    swept = [f"{k}={hparams[k]}" for k in entry.get("grid", {})]
-    return " ".join([label, *swept])
 
 
 def _entries(data: dict, key: str) -> list[dict]:
@@ -116,76 +276,120 @@ def _entries(data: dict, key: str) -> list[dict]:
         raise ConfigError(f"comparison needs at least one [[{key}]] table")
     if isinstance(entries, dict):
         entries = [entries]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"comparison field {key!r} must be [[{key}]] tables")
     for i, entry in enumerate(entries):
         if "name" not in entry:
             raise ConfigError(f"[[{key}]] number {i + 1} has no 'name'")
+        _string(entry, "name", f"[[{key}]] number {i + 1}")
     return entries
 
 
-def parse_comparison(data: dict, default_name: str = "comparison") -> Comparison:
-    """Validate a comparison given as a dict (parsed TOML)."""
-    unknown = sorted(set(data) - set(TOP_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"unknown comparison field {unknown[0]!r}; valid: {', '.join(TOP_KEYS)}"
-        )
-    run_args = _run_args(data, "comparison field")
+def _split(entry: dict) -> tuple[dict, dict]:
+    """An [[optimizer]] table's run options and hyperparameters (grid expanded)."""
+    options = {k: v for k, v in entry.items() if k in option_specs()}
+    rest = {k: v for k, v in entry.items() if k not in option_specs()}
+    return options, rest
+
+
+def _task_entries(data: dict) -> list[tuple[str, dict]]:
     tasks = []
     for entry in _entries(data, "task"):
-        for hparams in _grid(entry, f"task {entry['name']!r}"):
-            make_task(entry["name"], **hparams)  # validates
+        where = f"task {entry['name']!r}"
+        if "task" in entry or "label" in entry:
+            raise ConfigError(f"{where}: 'task' and 'label' belong to [[optimizer]]")
+        for hparams in _grid(entry, where):
+            check_task(entry["name"], hparams)
             tasks.append((entry["name"], hparams))
+    return tasks
+
+
+def _optimizer_entries(data: dict) -> list[tuple[str, dict, str, dict, dict]]:
     optimizers = []
     for entry in _entries(data, "optimizer"):
         where = f"optimizer {entry['name']!r}"
-        own_args = _run_args(entry, f"{where} field")
-        overrides = entry.get("task", {})
+        own, rest = _split(entry)
+        overrides = rest.get("task", {})
         if not isinstance(overrides, dict):
             raise ConfigError(
                 f"{where}: 'task' must be a table of task hyperparameters"
             )
-        for hparams in _grid(entry, where, OPTIMIZER_KEYS):
-            check_optimizer(entry["name"], hparams)
-            label = _label(entry, hparams)
-            optimizers.append((entry["name"], hparams, label, own_args, overrides))
+        if "name" in overrides:
+            raise ConfigError(f"{where}: 'task' overrides cannot change the task name")
+        base = _string(entry, "label", where) or entry["name"]
+        for hparams in _grid(rest, where):
+            swept = [f"{k}={hparams[k]}" for k in entry.get("grid", {})]
+            label = " ".join([base, *swept])
+            optimizers.append((entry["name"], hparams, label, own, overrides))
     labels = [opt[2] for opt in optimizers]
     duplicate = next((x for x in labels if labels.count(x) > 1), None)
     if duplicate:
         raise ConfigError(f"two optimizers share the label {duplicate!r}; set 'label'")
+    return optimizers
+
+
+def parse_comparison(
+    data: dict, default_name: str = "comparison", overrides: dict | None = None
+) -> Comparison:
+    """Validate a comparison given as a dict (parsed TOML), every run of it.
+
+    Args:
+      data: the parsed file.
+      default_name: the name when the file gives none.
+      overrides: run options that replace the file's and the optimizers' own (the
+        command line's ``--steps`` and the like).
+    """
+    valid = (*COMPARISON_FIELDS, *option_specs())
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown comparison field {unknown[0]!r}; valid: {', '.join(valid)}"
+        )
+    name = _string(data, "name", "comparison field") or default_name
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"comparison field 'name' = {name!r} must be a plain name (letters, "
+            "digits, '_', '-', '.'), not a path; use 'out' for the directory"
+        )
+    out = _string(data, "out", "comparison field")
+    description = _string(data, "description", "comparison field") or ""
+    file_options, _ = _split(data)
     runs = []
-    for (t_name, t_hp), (o_name, o_hp, label, args, over) in itertools.product(
-        tasks, optimizers
+    for (t_name, t_hp), (o_name, o_hp, label, own, over) in itertools.product(
+        _task_entries(data), _optimizer_entries(data)
     ):
-        t_hp = {**t_hp, **over}
-        if over:
-            make_task(t_name, **t_hp)  # validates the overrides
-        runs.append(RunSpec(t_name, t_hp, o_name, o_hp, label, args))
-    return Comparison(data.get("name", default_name), runs, run_args, data.get("out"))
+        options = {**file_options, **own, **(overrides or {})}
+        try:
+            config = run_config(
+                t_name, o_name, task_hparams={**t_hp, **over}, opt_hparams=o_hp,
+                label=label, **options,
+            )  # fmt: skip
+        except ConfigError as err:
+            raise ConfigError(
+                f"optimizer {label!r} on task {t_name!r}: {err}"
+            ) from None
+        runs.append(config)
+    return Comparison(name, tuple(runs), out, description)
 
 
-def _run_args(table: dict, what: str) -> dict:
-    out = {}
-    for key, kind in RUN_KEYS.items():
-        if key in table:
-            value = table[key]
-            if (isinstance(value, bool) and kind is not bool) or not isinstance(
-                value, kind
-            ):
-                raise ConfigError(f"{what} {key!r} = {value!r} has the wrong type")
-            out[key] = value
-    return out
+def read_comparison(path: str | Path, overrides: dict | None = None) -> Comparison:
+    """Read and validate a comparison TOML file (see :func:`parse_comparison`).
 
-
-def read_comparison(path: str | Path) -> Comparison:
-    """Read and validate a comparison TOML file."""
+    The file's folder is added to the plug-in search path first.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"comparison file {str(path)!r} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"comparison file {path} is not UTF-8 text: {err}") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"malformed TOML in {path}: {err}") from None
-    return parse_comparison(data, default_name=path.stem)
+    add_plugin_folder(path.parent)
+    return parse_comparison(data, default_name=path.stem, overrides=overrides)
 
 
 def parse_value(raw: str) -> Any:

@@ -1,9 +1,10 @@
 """Curvature probes during a run: validation, the compiled probe, probe rows.
 
-:func:`runner.run.run` probes every live seed at step 0 and every ``probe_every``
+:class:`ProbeCallback` probes every live seed at step 0 and every ``probe_every``
 steps on a fresh batch, and the explosions the compiled chunk kept
 (:class:`runner.train.Events`) at the parameters and on the batch where the
-gradient exploded. The measurements are :func:`analysis.probes.probe`.
+gradient exploded. The measurements are :func:`analysis.probes.probe`. Probe time
+is kept apart from training time (``probe_seconds``).
 """
 
 from __future__ import annotations
@@ -14,47 +15,9 @@ import jax
 import numpy as np
 
 from analysis.probes import ProbeConfig, check_probe_config, probe, probe_rows
+from runner.loop import Chunk, RunState
+from runner.train import timed
 from tasks.base import Task
-from tasks.hparams import ConfigError
-
-MAX_RECORDED_PARAMS = 64
-
-
-def check_probe_args(
-    task: Task,
-    eval_every: int,
-    probe_every: int | None,
-    probe_events: int,
-    factor: float,
-    iters: int,
-    record_params: bool,
-):
-    """Validate the probe settings; the probe function, or None without probes."""
-    if not isinstance(factor, int | float) or isinstance(factor, bool) or factor <= 1:
-        raise ConfigError(f"'explosion_factor' must be a number > 1, got {factor!r}")
-    if record_params:
-        n_params = sum(
-            int(np.prod(s.shape))
-            for s in jax.tree.leaves(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
-        )
-        if n_params > MAX_RECORDED_PARAMS:
-            raise ConfigError(
-                f"'record_params' is for small models (at most "
-                f"{MAX_RECORDED_PARAMS} parameters); this task has {n_params}"
-            )
-    if probe_every is None:
-        return None
-    if not isinstance(probe_every, int) or probe_every < 1 or probe_every % eval_every:
-        raise ConfigError(
-            f"'probe_every' = {probe_every!r} must be a positive multiple of "
-            f"'eval_every' = {eval_every}"
-        )
-    if not isinstance(probe_events, int) or probe_events < 0:
-        raise ConfigError(
-            f"'probe_events' must be a non-negative integer, got {probe_events!r}"
-        )
-    return cached_probe(task, ProbeConfig(lanczos_iters=iters))
-
 
 _PROBES: dict[tuple, Any] = {}
 
@@ -125,3 +88,40 @@ def event_probes(prober, seeds, events, budget):
                 seed=seed, step=int(steps[i, j]), kind="explosion",
             )  # fmt: skip
     return rows
+
+
+class ProbeCallback:
+    """Periodic and explosion probes of a run (a :class:`runner.loop.Callback`).
+
+    At most ``probe_events`` explosions per seed are probed between two periodic
+    probes, which bounds the probes' cost per interval.
+    """
+
+    def __init__(
+        self, task: Task, seeds: list[int], every: int, events: int, iters: int
+    ) -> None:
+        self.prober = cached_probe(task, ProbeConfig(lanczos_iters=iters))
+        self.seeds, self.every, self.events = seeds, every, events
+        self.budget = [events] * len(seeds)
+
+    def on_start(self, run: RunState) -> None:
+        rows, dt = timed(
+            periodic_probes, self.prober, self.seeds, run.state, run.eval_keys, 0
+        )
+        run.probes += rows
+        run.probe_seconds += dt
+
+    def on_chunk(self, run: RunState, chunk: Chunk) -> None:
+        rows, dt = timed(
+            event_probes, self.prober, self.seeds, chunk.events, self.budget
+        )
+        run.probes += rows
+        run.probe_seconds += dt
+        if chunk.step % self.every == 0:
+            rows, dt = timed(
+                periodic_probes, self.prober, self.seeds, run.state, run.eval_keys,
+                chunk.step, chunk.was_active,
+            )  # fmt: skip
+            run.probes += rows
+            run.probe_seconds += dt
+            self.budget = [self.events] * len(self.seeds)

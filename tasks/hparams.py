@@ -113,8 +113,13 @@ def declared_hparams(factory: Callable) -> dict[str, HParam]:
     return out
 
 
-def _coerce(what: str, hp: HParam, value: Any) -> Any:
-    field = f"{what} hyperparameter {hp.name!r}"
+def coerce(what: str, hp: HParam, value: Any) -> Any:
+    """``value`` checked against ``hp`` (type, choices, range) and converted.
+
+    ``what`` starts the error message, e.g. "optimizer hyperparameter" or "run
+    option"; the field's name follows it.
+    """
+    field = f"{what} {hp.name!r}"
     if value is None:
         if hp.optional or hp.kind is Any:
             return None
@@ -138,7 +143,10 @@ def _coerce(what: str, hp: HParam, value: Any) -> Any:
             )
         if hp.kind is int and not integral:
             raise ConfigError(f"{field} = {value!r} must be an integer")
-        value = hp.kind(value)
+        try:
+            value = hp.kind(value)
+        except OverflowError:
+            raise ConfigError(f"{field} = {value!r} is out of range {hp.range}") from None
         if not math.isfinite(value) or (hp.range and not hp.range.contains(value)):
             raise ConfigError(f"{field} = {value!r} is out of range {hp.range}")
         return value
@@ -172,7 +180,7 @@ def check_hparams(what: str, name: str, factory: Callable, given: dict) -> dict:
     out = {}
     for hp in declared.values():
         if hp.name in given:
-            out[hp.name] = _coerce(what, hp, given[hp.name])
+            out[hp.name] = coerce(f"{what} hyperparameter", hp, given[hp.name])
         elif hp.default is inspect.Parameter.empty:
             raise ConfigError(f"{what} {name!r} needs hyperparameter {hp.name!r}")
         else:

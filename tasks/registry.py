@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from tasks import sequence, wall
 from tasks.base import Task
-from tasks.hparams import ConfigError, check_hparams, lookup
+from tasks.hparams import ConfigError, check_hparams
+from tasks.plugins import import_object, is_import_path
 
 TASKS: dict[str, Callable[..., Task]] = {
     "wall": wall.wall,
@@ -33,7 +34,36 @@ def register_task(name: str, factory: Callable[..., Task], overwrite: bool = Fal
     return factory
 
 
+def resolve_task(name: str) -> Callable[..., Task]:
+    """The factory registered as ``name``, or imported from the path ``name``.
+
+    An import path (``my_module:my_task``) names a factory whose signature declares
+    its hyperparameters, exactly as a registered one.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"task name must be a string, got {name!r}")
+    if name in TASKS:
+        return TASKS[name]
+    if not is_import_path(name):
+        valid = ", ".join(sorted(TASKS))
+        raise ConfigError(
+            f"unknown task {name!r}; valid: {valid} (or an import path such as "
+            "my_module:my_task)"
+        )
+    factory = import_object(name, "task")
+    if isinstance(factory, Task) or not callable(factory):
+        raise ConfigError(f"task {name!r} must be a factory returning a Task")
+    return factory
+
+
+def check_task(name: str, hparams: dict) -> dict:
+    """Validate ``hparams`` for task ``name``; return all of them with defaults."""
+    return check_hparams("task", name, resolve_task(name), hparams)
+
+
 def make_task(name: str, **hparams) -> Task:
-    """Build a registered task, validating its hyperparameters first."""
-    factory = lookup("task", TASKS, name)
-    return factory(**check_hparams("task", name, factory, hparams))
+    """Build a task by name or import path, validating its hyperparameters first."""
+    task = resolve_task(name)(**check_task(name, hparams))
+    if not isinstance(task, Task):
+        raise ConfigError(f"task {name!r}: the factory returned {task!r}, not a Task")
+    return task

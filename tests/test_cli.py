@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import store
+from analysis import results as store
+from analysis.table import comparison_table
 from runner.cli import main
 from runner.config import parse_assignments, parse_comparison, read_comparison
-from runner.table import comparison_table
 from tasks import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +48,12 @@ def test_grid_expands_tasks_times_optimizers(tmp_path):
     assert {(r.task_hparams["length"], r.label) for r in comparison.runs} == {
         (10, "SGD-C"), (12, "SGD-C"), (10, "SGD-huge"), (12, "SGD-huge")
     }  # fmt: skip
-    assert comparison.run_args == {
-        "seeds": 2, "steps": 40, "eval_every": 20, "eval_size": 32
-    }  # fmt: skip
+    for run in comparison.runs:
+        opts = run.options
+        assert (opts.seeds, opts.steps, opts.eval_every, opts.eval_size) == (
+            (0, 1), 40, 20, 32
+        )  # fmt: skip
+        assert opts.probe_every is None  # the defaults fill the rest
 
 
 def test_optimizer_grid_labels():
@@ -228,10 +231,12 @@ def test_optimizer_overrides_task_settings_and_run_arguments():
         }
     )
     sgd, hf = comparison.runs
-    assert sgd.task_hparams == {"length": 10} and not sgd.run_args
-    assert hf.task_hparams == {"length": 10, "batch_size": 64}
-    assert hf.run_args == {"steps": 5, "curvature_batch_size": 8}
-    assert hf.opt_hparams == {"max_cg_iters": 20}
+    # Task hyperparameters are complete (defaults filled in) and validated.
+    assert sgd.task_hparams["length"] == 10 and sgd.task_hparams["batch_size"] == 20
+    assert sgd.options.steps == 100 and sgd.options.curvature_batch_size is None
+    assert hf.task_hparams["length"] == 10 and hf.task_hparams["batch_size"] == 64
+    assert (hf.options.steps, hf.options.curvature_batch_size) == (5, 8)
+    assert hf.optimizer.hparams["max_cg_iters"] == 20
     with pytest.raises(ConfigError, match="'batch_size' = 0 is out of range"):
         parse_comparison(
             {
@@ -239,7 +244,7 @@ def test_optimizer_overrides_task_settings_and_run_arguments():
                 "optimizer": [{"name": "hf", "task": {"batch_size": 0}}],
             }
         )
-    with pytest.raises(ConfigError, match="'steps' = 'x' has the wrong type"):
+    with pytest.raises(ConfigError, match="'steps' = 'x' must be a number"):
         parse_comparison(
             {"task": [{"name": "wall"}], "optimizer": [{"name": "hf", "steps": "x"}]}
         )

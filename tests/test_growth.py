@@ -5,14 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.growth import (
-    fit,
-    growth_experiment,
-    load_growth,
-    measure,
-    rescale_recurrent,
-)
+from analysis.growth import fit, growth_experiment, measure, rescale_recurrent
 from analysis.probes import ProbeConfig
+from analysis.results import load_growth
 from runner.cli import main
 from runner.run import run
 from tasks import make_task

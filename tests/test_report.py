@@ -11,8 +11,8 @@ import pytest
 from test_plots import SEEDS, make_growth, make_probes, make_records
 
 from analysis import report
+from analysis import results as store
 from analysis.growth import GROWTH_SUFFIX, save_growth
-from runner import store
 from runner.run import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,15 +40,17 @@ def write_fake_run(directory, label, length=20, probes=None, task="temporal_orde
          "grad_equivalents_to_solve": 80 + s if s < 2 else None}
         for s in SEEDS
     ]  # fmt: skip
-    payload = {
-        "config": config,
-        "summary": summary,
-        "records": records.to_dict(orient="records"),
-    }
-    if probes is not None:
-        payload["probes"] = probes.drop(columns=CONFIG_COLUMNS).to_dict("records")
-    path = directory / f"{run_id}{store.RUN_SUFFIX}"
-    store.write_json(path, payload)
+    result = store.RunResult(
+        config=config,
+        records=records,
+        summary=pd.DataFrame(summary),
+        params={"w": np.zeros((len(SEEDS), 1))},
+        path=None,
+        probes=(
+            pd.DataFrame() if probes is None else probes.drop(columns=CONFIG_COLUMNS)
+        ),
+    )
+    path = store.run_path(directory, run_id)
     n_steps = 30
     arrays = {
         "loss": np.ones((len(SEEDS), n_steps)),
@@ -58,8 +60,7 @@ def write_fake_run(directory, label, length=20, probes=None, task="temporal_orde
         t = np.arange(n_steps)[None, :]
         arrays["param_w"] = 6.0 + 0.05 * t + 0.1 * np.arange(len(SEEDS))[:, None]
         arrays["param_b"] = -3.0 + 0.02 * t + np.zeros((len(SEEDS), 1))
-    store.write_arrays(path.with_suffix(".steps.npz"), arrays)
-    return path
+    return store.write_run(path, result, {}, {}, traces=arrays)
 
 
 def sections(text: str) -> set[str]:
@@ -100,7 +101,7 @@ def test_report_of_a_real_probed_wall_run(tmp_path):
         "wall", "sgd_clip", seeds=2, steps=40, eval_every=10, eval_size=1,
         probe_every=10, record_params=True, label="SGD-C", out=tmp_path,
     )  # fmt: skip
-    paths = report.wall_trajectories(tmp_path)
+    paths = report.wall_trajectories(store.Results.load(tmp_path))
     assert len(paths) == 2 * 40 and set(paths["optimizer"]) == {"SGD-C"}
     text = report.write_report(tmp_path).read_text()
     assert_self_contained(text)
@@ -140,11 +141,12 @@ def test_report_with_probes_wall_and_growth(tmp_path):
 
 def test_figures_return_none_without_their_data(tmp_path):
     write_fake_run(tmp_path, "SGD")
+    results = store.Results.load(tmp_path)
     for name in ("success", "curvature", "curvature_gn", "spectrum", "wall"):
-        assert report.FIGURES[name](tmp_path) is None, name
+        assert report.FIGURES[name](results) is None, name
     for name in ("growth", "ratio"):
-        assert report.FIGURES[name](tmp_path) is None, name
-    assert report.FIGURES["training"](tmp_path) is not None
+        assert report.FIGURES[name](results) is None, name
+    assert report.FIGURES["training"](results) is not None
 
 
 def test_growth_only_directory(tmp_path):
@@ -156,9 +158,9 @@ def test_growth_only_directory(tmp_path):
 
 
 def test_empty_directory_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
+    with pytest.raises(store.ResultsError, match=re.escape(str(tmp_path))):
         report.write_report(tmp_path)
-    with pytest.raises(ValueError, match="not a results directory"):
+    with pytest.raises(store.ResultsError, match="does not exist"):
         report.write_report(tmp_path / "missing")
 
 

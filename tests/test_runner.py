@@ -7,8 +7,8 @@ import optax
 import pandas as pd
 import pytest
 
-from runner import store
-from runner.run import COMPILATIONS, load_result, run
+from analysis import results as store
+from runner.run import load_result, run
 from tasks import ConfigError
 
 TINY = {"length": 10, "hidden": 6, "batch_size": 8}
@@ -82,14 +82,17 @@ def test_same_seed_gives_identical_records():
     assert not np.allclose(a[a.seed == 3].loss, c[c.seed == 5].loss)
 
 
-def test_learning_rate_sweep_compiles_once():
+def test_learning_rate_sweep_compiles_once(count_compiles):
     _tiny_run(opt_hparams={"learning_rate": 0.01})
-    before = COMPILATIONS["count"]
     losses = []
-    for lr in (0.02, 0.05, 0.1):
-        result = _tiny_run(opt_hparams={"learning_rate": lr, "threshold": 2.0 * lr})
-        losses.append(result.records.loss.to_numpy())
-    assert COMPILATIONS["count"] == before
+    with count_compiles() as compiles:
+        for lr in (0.02, 0.05, 0.1):
+            result = _tiny_run(opt_hparams={"learning_rate": lr, "threshold": 2.0 * lr})
+            losses.append(result.records.loss.to_numpy())
+    # Real XLA compilations: the sweep reuses the first run's programs. (Small
+    # host-side helpers such as the per-seed key folding compile once per process
+    # and are warm after the first run too.)
+    assert compiles.count == 0
     # The traced values really reached the program.
     assert not np.allclose(losses[0], losses[2])
 

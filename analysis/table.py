@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner import store
+from analysis.results import Results
 
 #: Configuration columns that never define a group on their own.
 _NOT_KEYS = {"run_id", "optimizer_name", "optimizer", "task", "batch_size"}
@@ -98,6 +98,8 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
-def show(path: str | Path, markdown: bool = False) -> str:
-    """The formatted comparison table of a results directory."""
-    return format_table(comparison_table(store.load_summary(path)), markdown)
+def show(results: Results | str | Path, markdown: bool = False) -> str:
+    """The formatted comparison table of a results directory (or loaded results)."""
+    if not isinstance(results, Results):
+        results = Results.load(results)
+    return format_table(comparison_table(results.summary), markdown)

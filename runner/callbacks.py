@@ -1,0 +1,159 @@
+"""The per-chunk callbacks of a run: success test, records, checkpoints, progress.
+
+Each is a small object with ``on_start(run)`` and ``on_chunk(run, chunk)`` (see
+:class:`runner.loop.Callback`); curvature probes are
+:class:`runner.probing.ProbeCallback`. :func:`runner.run.run` lists them in this
+order: success test, records, probes, checkpoints, progress.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from analysis.results import write_checkpoint
+from runner.loop import Chunk, RunState
+from runner.train import spectral_radii
+from tasks.base import Task
+
+
+class SuccessTest:
+    """Give the full success test to seeds whose evaluation error is low enough.
+
+    A seed passes when the task's :meth:`~tasks.base.Task.success` accepts its
+    error rate on ``task.success_sequences`` fresh sequences (Pascanu et al. 2013:
+    10,000). Passing seeds are retired (they stop updating) and their updates and
+    training seconds so far are kept. The test is compiled with the rest of the
+    program, so its time is run time only.
+    """
+
+    def __init__(self, task: Task, success: Callable) -> None:
+        self.task, self.success = task, success
+
+    def on_start(self, run: RunState) -> None:
+        pass
+
+    def on_chunk(self, run: RunState, chunk: Chunk) -> None:
+        start = time.perf_counter()
+        state = run.state
+        candidates = np.flatnonzero(
+            np.asarray(state.active)
+            & chunk.was_active
+            & (chunk.summary["eval_error"] < self.task.success_threshold)
+        )
+        for i in candidates:
+            params = jax.tree.map(lambda p, i=i: p[i], state.params)
+            key = jax.random.fold_in(state.key[i], 7)
+            if self.task.success(float(self.success(params, key))):
+                chunk.newly_solved.append(int(i))
+        if chunk.newly_solved:
+            retired = state.active.at[np.array(chunk.newly_solved)].set(False)
+            run.state = state._replace(active=retired)
+        run.seconds += time.perf_counter() - start
+        updates = np.asarray(run.state.updates)
+        for i in chunk.newly_solved:
+            run.solved_at[i] = (int(updates[i]), run.seconds)
+
+
+class Records:
+    """One tidy row per live seed and chunk, and the per-step traces.
+
+    Row columns: ``seed``, ``step``, ``updates``, the chunk summary (loss, gradient
+    norms, optimizer records, evaluation loss and error, work counts and
+    gradient-equivalents), ``spectral_radius`` of the recurrent matrix, training
+    ``seconds`` so far and ``status`` (running, solved or diverged).
+    """
+
+    def __init__(self, task: Task, seeds: list[int], record_steps: bool) -> None:
+        self.task, self.seeds, self.record_steps = task, seeds, record_steps
+
+    def on_start(self, run: RunState) -> None:
+        pass
+
+    def on_chunk(self, run: RunState, chunk: Chunk) -> None:
+        if self.record_steps:
+            run.traces.append({k: np.asarray(v) for k, v in chunk.trace.items()})
+        radii = spectral_radii(self.task, run.state.params)
+        updates = np.asarray(run.state.updates)
+        diverged = np.asarray(run.state.diverged_step) >= 0
+        for i, seed in enumerate(self.seeds):
+            if not chunk.was_active[i]:
+                continue
+            row = {"seed": seed, "step": chunk.step, "updates": int(updates[i])}
+            row.update(
+                {k: float(v[i]) for k, v in chunk.summary.items() if k != "steps_live"}
+            )
+            row["spectral_radius"] = float(radii[i])
+            row["seconds"] = run.seconds
+            row["status"] = (
+                "solved"
+                if i in chunk.newly_solved
+                else "diverged"
+                if diverged[i]
+                else "running"
+            )
+            run.records.append(row)
+
+
+class Checkpoints:
+    """Save every seed's parameters every ``every`` steps next to the run file."""
+
+    def __init__(self, run_file: Path | None, every: int | None) -> None:
+        self.run_file, self.every = run_file, every
+
+    def on_start(self, run: RunState) -> None:
+        pass
+
+    def on_chunk(self, run: RunState, chunk: Chunk) -> None:
+        if self.run_file is None or not self.every or chunk.step % self.every:
+            return
+        write_checkpoint(
+            self.run_file, chunk.step, jax.tree.map(np.asarray, run.state.params)
+        )
+
+
+class Progress:
+    """Advance a tqdm-like bar by each chunk's steps, with loss and seeds solved."""
+
+    def __init__(self, bar: Any, eval_every: int) -> None:
+        self.bar, self.eval_every = bar, eval_every
+
+    def on_start(self, run: RunState) -> None:
+        pass
+
+    def on_chunk(self, run: RunState, chunk: Chunk) -> None:
+        self.bar.update(self.eval_every)
+        losses = chunk.summary["loss"][chunk.was_active]
+        losses = losses[np.isfinite(losses)]
+        loss = float(np.median(losses)) if losses.size else float("nan")
+        self.bar.set_postfix(loss=f"{loss:.4g}", solved=len(run.solved_at))
+
+
+def seed_summary(seeds: list[int], run: RunState) -> list[dict[str, Any]]:
+    """One row per seed: outcome, work and time to solve, last evaluation error."""
+    rows = []
+    diverged = np.asarray(run.state.diverged_step)
+    updates = np.asarray(run.state.updates)
+    last = {r["seed"]: r for r in run.records}
+    for i, seed in enumerate(seeds):
+        row: dict[str, Any] = {"seed": seed, "updates": int(updates[i])}
+        if i in run.solved_at:
+            row.update(status="solved", steps_to_solve=run.solved_at[i][0])
+            row["seconds_to_solve"] = run.solved_at[i][1]
+            row["grad_evals_to_solve"] = last[seed]["grad_evals"]
+            row["grad_equivalents_to_solve"] = last[seed]["grad_equivalents"]
+        else:
+            status = "diverged" if diverged[i] >= 0 else "unsolved"
+            row.update(status=status, steps_to_solve=None, seconds_to_solve=None)
+            row["grad_evals_to_solve"] = None
+            row["grad_equivalents_to_solve"] = None
+        row["diverged_step"] = int(diverged[i]) if diverged[i] >= 0 else None
+        row["final_eval_error"] = last[seed]["eval_error"] if seed in last else None
+        row["run_seconds"] = run.seconds
+        rows.append(row)
+    return rows

@@ -1,0 +1,59 @@
+"""Shared fixtures: float64 for dense checks, PRNG keys and an XLA compile counter.
+
+Dense oracles (explicit Gauss-Newton matrices, Hessians, small problems) live in
+``tests/problems.py``; tests import them from there, never from each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import jax
+import pytest
+
+#: The event JAX records once per XLA backend compilation.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_COMPILES = {"count": 0}
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+        _COMPILES["count"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+class CompileCounter:
+    """Counts real XLA compilations in a ``with`` block (``.count``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[CompileCounter]:
+        start = _COMPILES["count"]
+        try:
+            yield self
+        finally:
+            self.count = _COMPILES["count"] - start
+
+
+@pytest.fixture
+def count_compiles() -> CompileCounter:
+    """``with count_compiles() as c: ...`` then ``c.count`` XLA compilations."""
+    return CompileCounter()
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    """Run the test with 64-bit JAX arrays (dense references to 1e-12 and below)."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
+def key() -> jax.Array:
+    """A fixed PRNG key: tests are deterministic."""
+    return jax.random.PRNGKey(0)
