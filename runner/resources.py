@@ -85,7 +85,7 @@ def check_resources(config) -> None:
     Also turns failures of the task's own shape functions (absurd sizes that
     overflow) into a ConfigError naming the task.
     """
-    what = f"run {config.label!r} on task {config.task_name or config.task.name!r}"
+    what = "the run"
     try:
         needed = estimate_bytes(config)
     except ConfigError:
