@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -227,7 +228,7 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise ResultsError(f"result file {str(path)!r} does not exist") from None
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ResultsError(f"result file {path} is damaged: {err}") from None
 
 
