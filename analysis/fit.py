@@ -2,7 +2,7 @@
 
 Pascanu, Mikolov & Bengio (ICML 2013) argue that along an exploding direction the
 curvature grows together with the gradient, so the Newton step ``||g|| / c`` stays
-bounded (science.md sections 1 and 8). Two fits test this:
+bounded (the discussion of their Fig. 6; docs/measurements.md). Two fits test this:
 
 - growth rates: ``|q| ~ C exp(r x)`` with ``x`` the sequence length (or the spectral
   radius of ``W_rec``), fitted as the line ``log|q| = log C + r x``; equal rates for

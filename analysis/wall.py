@@ -1,6 +1,6 @@
 """Locate the wall of the single-unit model (Pascanu et al. 2013, Fig. 6).
 
-The model (science.md section 3, :mod:`tasks.wall`) is ``x_t = w sigma(x_{t-1}) + b``,
+The model (:mod:`tasks.wall`) is ``x_t = w sigma(x_{t-1}) + b``,
 ``x_0 = 0.5``, 50 steps, error ``E(w, b) = (sigma(x_50) - 0.7)^2``.
 
 On the line ``b = x_0 - w sigma(x_0)`` the start ``x_0`` is a fixed point of the map
@@ -60,7 +60,7 @@ def error_surface(
     """``E(w, b)`` on a regular grid (float64), by :func:`tasks.wall.wall_error`.
 
     Args:
-        w_range: ``(w_min, w_max)``; science.md's plot window is ``[0, 10]``.
+        w_range: ``(w_min, w_max)``; ``curvbench plot wall`` draws ``[0, 10]``.
         b_range: ``(b_min, b_max)``; the window is ``[-7, 1]``.
         resolution: ``(n_w, n_b)`` grid points.
         n_steps: Length of the recurrence.

@@ -1,4 +1,7 @@
-"""Locating the wall of the single-unit model (science.md section 3)."""
+"""Locating the wall of the single-unit model (Pascanu et al. 2013, Fig. 6).
+
+The quoted positions and the line are those of docs/measurements.md.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ def test_find_wall_agrees_with_analytic_line():
     found = find_wall(w)
     assert found.shape == w.shape
     np.testing.assert_allclose(found, analytic_wall(w), atol=0.01)
-    # The line of science.md: b = 0.5 - 0.6225 w.
+    # The line of docs/measurements.md: b = 0.5 - 0.6225 w.
     np.testing.assert_allclose(analytic_wall(w), 0.5 - 0.6225 * w, atol=2e-3)
 
 

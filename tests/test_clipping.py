@@ -1,4 +1,4 @@
-"""Gradient clipping and the non-finite guard (science.md section 5).
+"""Gradient clipping and the non-finite guard (Pascanu et al. 2013; docs/methods.md).
 
 References are explicit numpy computations of Pascanu et al. (2013) Algorithm 1,
 element-wise clipping, the adaptive threshold and the released code's shrink policy.

@@ -1,4 +1,5 @@
-"""Batch generators checked against the task definitions (science.md, section 4).
+"""Batch generators checked against the task definitions (Hochreiter & Schmidhuber
+1997; Martens & Sutskever 2011; Pascanu et al. 2013, section 4; docs/tasks.md).
 
 Positions are 0-based; a window ``[lo L, hi L)`` is ``[floor(lo L), floor(hi L))``
 (computed here with exact fractions), widened to one position when empty.

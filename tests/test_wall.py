@@ -1,4 +1,4 @@
-"""The single-unit wall model (Pascanu et al. 2013, Fig. 6; science.md section 3)."""
+"""The single-unit wall model (Pascanu et al. 2013, Fig. 6; docs/measurements.md)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ def _np_wall_error(w: float, b: float, n_steps: int = 50) -> float:
 @pytest.mark.parametrize(("w", "quoted"), [(5.0, -2.613), (8.0, -4.48), (10.0, -5.725)])
 def test_error_jumps_across_the_wall(w, quoted):
     b_wall = 0.5 - w * SIGMOID_HALF
-    assert abs(b_wall - quoted) < 2e-3  # the positions quoted in science.md
+    assert abs(b_wall - quoted) < 2e-3  # the positions quoted in docs/measurements.md
     below, above = np.asarray(
         wall_error(jnp.float32(w), jnp.array([b_wall - 1e-3, b_wall + 1e-3]))
     )
     assert below - above > 0.3
-    assert below - above < 0.45  # science.md: the jump is 0.33-0.41
+    assert below - above < 0.45  # docs/measurements.md: the jump is 0.33-0.41
     # The same jump in an independent float64 loop.
     ref_below = _np_wall_error(w, b_wall - 1e-3)
     ref_above = _np_wall_error(w, b_wall + 1e-3)
