@@ -148,8 +148,12 @@ class RunConfig:
         return cached_task(self.task_name, self.task_hparams)
 
     def describe(self) -> dict:
-        """The configuration stored in the run file (and hashed into the run id)."""
-        opts = self.options
+        """The configuration stored in the run file (and hashed into the run id).
+
+        Task (name and every hyperparameter), optimizer (name and every
+        hyperparameter), label, and every run option that changes results
+        (:meth:`RunOptions.identity`).
+        """
         if self.task_object is not None:
             task = self.task_object.describe()
         else:
@@ -161,21 +165,8 @@ class RunConfig:
                 "hparams": self.optimizer.hparams,
             },
             "label": self.label,
-            "seeds": list(opts.seeds),
-            "steps": opts.steps,
-            "eval_every": opts.eval_every,
-            "eval_size": opts.eval_size,
-            "curvature_batch_size": opts.curvature_batch_size,
-            "explosion_factor": opts.explosion_factor,
+            **self.options.identity(),
         }
-        if opts.record_params:
-            config["record_params"] = True
-        if opts.probe_every is not None:
-            config["probes"] = {
-                "probe_every": opts.probe_every,
-                "probe_events": opts.probe_events,
-                "lanczos_iters": opts.lanczos_iters,
-            }
         return {**config, "run_id": run_id_for(config)}
 
     @property

@@ -28,8 +28,12 @@ Steps = Annotated[int, Range(1, MAX_STEPS)]
 Sequences = Annotated[int, Range(1, MAX_SEQUENCES)]
 
 
-def _option(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _option(default: Any, help: str, changes_results: bool = True) -> Any:
+    """A field with its help text; ``changes_results=False`` for options that only
+    decide what is saved (they stay out of the run's configuration and id)."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "changes_results": changes_results}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +52,9 @@ class RunOptions:
         None, "curvature minibatch handed to the optimizer each step (default: batch)"
     )
     checkpoint_every: Steps | None = _option(
-        None, "save parameters every N steps (a multiple of eval_every)"
+        None, "save parameters every N steps (a multiple of eval_every)", False
     )
-    record_steps: bool = _option(True, "keep per-step traces (<run>.steps.npz)")
+    record_steps: bool = _option(True, "keep per-step traces (<run>.steps.npz)", False)
     probe_every: Steps | None = _option(
         None, "curvature probes at step 0 and every N steps (a multiple of eval_every)"
     )
@@ -97,6 +101,15 @@ class RunOptions:
         out = dataclasses.asdict(self)
         out["seeds"] = list(self.seeds)
         return out
+
+    def identity(self) -> dict:
+        """The options that change results: part of the run's configuration and id."""
+        values = self.as_dict()
+        return {
+            f.name: values[f.name]
+            for f in dataclasses.fields(self)
+            if f.metadata["changes_results"]
+        }
 
 
 def option_specs() -> dict[str, HParam]:
