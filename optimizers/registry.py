@@ -14,14 +14,13 @@ annotations) is static and part of the compilation key.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import optax
 
 from optimizers import diagonal, first_order, quasi_newton
 from optimizers.hessian_free import hessian_free
 from tasks.hparams import ConfigError, check_hparams, declared_hparams
-from tasks.plugins import import_object, is_import_path
+from tasks.plugins import resolve
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": first_order.sgd,
@@ -48,15 +47,7 @@ def register_optimizer(name: str, factory: Callable, overwrite: bool = False):
 
 def resolve_optimizer(name: str) -> Callable[..., optax.GradientTransformation]:
     """The factory registered as ``name``, or imported from the path ``name``."""
-    if name in OPTIMIZERS:
-        return OPTIMIZERS[name]
-    if not is_import_path(name):
-        valid = ", ".join(sorted(OPTIMIZERS))
-        raise ConfigError(
-            f"unknown optimizer {name!r}; valid: {valid} (or an import path such as "
-            "optax.adam)"
-        )
-    obj = import_object(name, "optimizer")
+    obj = resolve("optimizer", OPTIMIZERS, name, "optax.adam")
     if isinstance(obj, optax.GradientTransformation):
         return lambda: obj
     if not callable(obj):

@@ -21,6 +21,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from runner.options import MAX_RECORDED_PARAMS
@@ -43,6 +44,10 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+#: A PRNG key's shape: shapes are traced from it without computing anything.
+_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
 def _bytes(tree) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -50,7 +55,7 @@ def _bytes(tree) -> int:
 def _activation_bytes(task, params, n_sequences: int) -> int:
     """Inputs, targets, outputs and hidden states of ``n_sequences`` sequences."""
     sample = functools.partial(task.sample_batch, batch_size=n_sequences)
-    batch = jax.eval_shape(sample, jax.random.PRNGKey(0))
+    batch = jax.eval_shape(sample, _KEY)
     outputs = jax.eval_shape(task.apply, params, batch.inputs)
     return _bytes(batch) + _bytes(outputs)
 
@@ -58,7 +63,7 @@ def _activation_bytes(task, params, n_sequences: int) -> int:
 def estimate_bytes(config) -> int:
     """Memory a run of ``config`` needs (see the module docstring)."""
     task, opts = config.task, config.options
-    params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+    params = jax.eval_shape(task.init, _KEY)
     n_params = _bytes(params)
     step = BACKWARD_COPIES * (
         _activation_bytes(task, params, task.batch_size)
@@ -112,5 +117,5 @@ def check_resources(config) -> None:
 
 def param_count(task) -> int:
     """Number of parameters of a task's model (shapes only)."""
-    params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+    params = jax.eval_shape(task.init, _KEY)
     return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

@@ -146,7 +146,8 @@ def coerce(what: str, hp: HParam, value: Any) -> Any:
         try:
             value = hp.kind(value)
         except OverflowError:
-            raise ConfigError(f"{field} = {value!r} is out of range {hp.range}") from None
+            message = f"{field} = {value!r} is out of range {hp.range}"
+            raise ConfigError(message) from None
         if not math.isfinite(value) or (hp.range and not hp.range.contains(value)):
             raise ConfigError(f"{field} = {value!r} is out of range {hp.range}")
         return value
@@ -186,11 +187,3 @@ def check_hparams(what: str, name: str, factory: Callable, given: dict) -> dict:
         else:
             out[hp.name] = hp.default
     return out
-
-
-def lookup(what: str, registry: dict[str, Callable], name: str) -> Callable:
-    """``registry[name]`` or a ConfigError listing the registered names."""
-    if name not in registry:
-        valid = ", ".join(sorted(registry))
-        raise ConfigError(f"unknown {what} {name!r}; valid: {valid}")
-    return registry[name]

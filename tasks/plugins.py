@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,9 @@ def import_object(path: str, what: str) -> Any:
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ConfigError(f"{what} {path!r} is not an import path (module:factory)")
+        raise ConfigError(
+            f"{what} {path!r} cannot be imported: not an import path (module:factory)"
+        )
     try:
         module = _import_module(module_name)
     except Exception as err:
@@ -79,3 +82,24 @@ def import_object(path: str, what: str) -> Any:
             f"{what} {path!r} cannot be imported: module {module_name!r} has no "
             f"attribute {attr!r}"
         ) from None
+
+
+def resolve(what: str, registry: dict[str, Callable], name: str, example: str) -> Any:
+    """``registry[name]``, or the object at the import path ``name``.
+
+    Raises:
+      ConfigError: ``name`` is not a string, or neither registered nor an import
+        path (the message lists the registered names and shows ``example``), or
+        cannot be imported.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"{what} name must be a string, got {name!r}")
+    if name in registry:
+        return registry[name]
+    if not is_import_path(name):
+        valid = ", ".join(sorted(registry))
+        raise ConfigError(
+            f"unknown {what} {name!r}; valid: {valid} (or an import path such as "
+            f"{example})"
+        )
+    return import_object(name, what)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from tasks import sequence, wall
 from tasks.base import Task
 from tasks.hparams import ConfigError, check_hparams
-from tasks.plugins import import_object, is_import_path
+from tasks.plugins import resolve
 
 TASKS: dict[str, Callable[..., Task]] = {
     "wall": wall.wall,
@@ -40,17 +40,7 @@ def resolve_task(name: str) -> Callable[..., Task]:
     An import path (``my_module:my_task``) names a factory whose signature declares
     its hyperparameters, exactly as a registered one.
     """
-    if not isinstance(name, str):
-        raise ConfigError(f"task name must be a string, got {name!r}")
-    if name in TASKS:
-        return TASKS[name]
-    if not is_import_path(name):
-        valid = ", ".join(sorted(TASKS))
-        raise ConfigError(
-            f"unknown task {name!r}; valid: {valid} (or an import path such as "
-            "my_module:my_task)"
-        )
-    factory = import_object(name, "task")
+    factory = resolve("task", TASKS, name, "my_module:my_task")
     if isinstance(factory, Task) or not callable(factory):
         raise ConfigError(f"task {name!r} must be a factory returning a Task")
     return factory
