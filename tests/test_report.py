@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from test_plots import SEEDS, make_growth, make_probes, make_records
+from frames import SEEDS, make_growth, make_probes, make_records
 
 from analysis import report
 from analysis import results as store
