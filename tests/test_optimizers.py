@@ -116,16 +116,18 @@ def test_converges_on_small_problem(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_second_update_does_not_recompile(name):
+def test_second_update_does_not_recompile(name, count_compiles):
     _, params, batch = _problem()
     init, step, values = _compiled(name)
     state = init(params)
-    params, state, _ = step(params, state, batch, jax.random.PRNGKey(0), values)
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    params, state, _ = step(params, state, batch, keys[0], values)
     # Different parameters, state, batch, key and traced hyperparameter values.
     other_batch = batch._replace(inputs=batch.inputs * 0.5)
     other_values = {k: v * 0.5 for k, v in values.items()}
-    step(params, state, other_batch, jax.random.PRNGKey(1), other_values)
-    assert step._cache_size() == 1
+    with count_compiles() as compiles:
+        jax.block_until_ready(step(params, state, other_batch, keys[1], other_values))
+    assert compiles.count == 0  # real XLA compilations
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -173,6 +175,75 @@ def test_records_and_work(name):
     work = collect_work(state)
     assert isinstance(work, WorkCount)
     assert [int(w) for w in work] == [0, 0, 0]
+
+
+#: Work after one and after two updates: (grad_evals, fun_evals, curvature_products)
+#: beyond the runner's gradient, with the default settings.
+EXPECTED_WORK = {
+    "adahessian": [(0, 0, 1), (0, 0, 2)],  # one Hutchinson product per update
+    "sophia_h": [(0, 0, 1), (0, 0, 1)],  # re-estimated every 10 updates
+    "sophia_g": [(1, 0, 0), (1, 0, 0)],  # one sampled-target gradient, every 10
+    "sdlm": [(1, 0, 0), (2, 0, 0)],  # one sampled-target gradient per update
+}
+DIAGONAL_RECORDS = {
+    "adahessian": {"estimated", "curvature_mean"},
+    "sdlm": {"estimated", "curvature_mean"},
+    "sophia_h": {"estimated", "curvature_mean", "clip"},
+    "sophia_g": {"estimated", "curvature_mean", "clip"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_WORK))
+def test_diagonal_methods_count_their_estimates(name):
+    _, params, batch = _problem()
+    init, step, values = _compiled(name)
+    state = init(params)
+    for expected, i in zip(EXPECTED_WORK[name], range(2), strict=True):
+        params, state, _ = step(params, state, batch, jax.random.PRNGKey(i), values)
+        assert tuple(int(w) for w in collect_work(state)) == expected
+        records = collect_records(state)
+        assert set(records) == DIAGONAL_RECORDS[name]
+        assert bool(records["estimated"]) == (i == 0 or name in ("adahessian", "sdlm"))
+
+
+def test_hessian_free_counts_cg_products_and_evaluations():
+    from optimizers.base import gradient_equivalents
+
+    _, params, batch = _problem()
+    init, step, values = _compiled("hf")
+    state = init(params)
+    for i in range(2):
+        before = collect_work(state)
+        params, state, _ = step(params, state, batch, jax.random.PRNGKey(i), values)
+        work = collect_work(state)
+        records = collect_records(state)
+        grads, funs, products = (
+            int(a) - int(b) for a, b in zip(work, before, strict=True)
+        )
+        # One curvature product per CG iteration, one for the initial residual
+        # b - A x0 of the warm start and one for the model decrease q(step).
+        assert products == int(records["cg_iters"]) + 2 == int(records["cg_products"])
+        assert 1 <= int(records["cg_iters"]) <= 250
+        assert grads == 0  # no preconditioner by default
+        assert funs >= 1  # at least the loss at the chosen step
+        # The recorded cost of the update, the runner's gradient included.
+        size = batch.inputs.shape[1]
+        expected = gradient_equivalents(1 + grads, funs, products, size, size)
+        np.testing.assert_allclose(records["grad_equivalents"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lbfgs", "nonlinear_cg", "levenberg_marquardt"])
+def test_quasi_newton_methods_count_their_evaluations(name):
+    _, params, batch = _problem()
+    init, step, values = _compiled(name)
+    state = init(params)
+    params, state, _ = step(params, state, batch, jax.random.PRNGKey(0), values)
+    grads, funs, products = (int(w) for w in collect_work(state))
+    assert min(grads, funs, products) >= 0
+    # Every method evaluates the objective somewhere beyond the runner's gradient.
+    assert grads + funs + products >= 1
+    if name == "levenberg_marquardt":
+        assert products >= 1  # Gauss-Newton products inside its CG solve
 
 
 def test_sgd_update_is_minus_learning_rate_times_gradient():
