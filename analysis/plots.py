@@ -2,8 +2,9 @@
 
 Every function takes tidy pandas frames (one row per run, seed and step, as read by
 :mod:`analysis.results`) and returns a :class:`matplotlib.figure.Figure` drawn on
-the Agg canvas, so plotting never needs a display. Colours follow :func:`optimizer_palette`:
-one colour per optimizer label, the same in every figure drawn with the same palette.
+the Agg canvas, so plotting never needs a display. Colours follow
+:func:`optimizer_palette`: one colour per optimizer label, the same in every figure
+drawn with the same palette.
 
 Seed bands: lines are the median over seeds and the shaded band covers the middle
 ``band`` percent of seeds (100: minimum to maximum), i.e. seaborn's

@@ -1,7 +1,8 @@
 """Curvature probes: gradient versus curvature along the gradient direction.
 
 At parameters ``theta`` and a batch, with gradient ``g`` and ``u = g / ||g||``
-(Pascanu et al. 2013, section 3; science.md section 8):
+(Pascanu, Mikolov & Bengio 2013, section 3: the exploding direction and the
+curvature along it):
 
 * ``grad_norm = ||g||``;
 * ``curv_hessian = u^T H u`` (exact Hessian, may be negative) and
@@ -74,8 +75,8 @@ class ProbeConfig(NamedTuple):
     Attributes:
       lanczos_iters: Hessian-vector products in the Lanczos run (20 finds the top
         eigenvalues of these models to a few digits).
-      top_k: size of the top eigenspace for ``topk_fraction`` (None: the number of
-        output units, i.e. classes for softmax tasks).
+      top_k: size of the top eigenspace for ``topk_fraction`` (None: the task's
+        ``n_out``, the number of output units, i.e. classes for softmax tasks).
       fd_radius: step length ``r`` of the finite-difference smoothness.
     """
 
@@ -107,8 +108,12 @@ def check_probe_config(config: ProbeConfig) -> ProbeConfig:
 
 
 def default_top_k(task: Task) -> int:
-    """Number of output units (classes of a softmax task), Gur-Ari et al.'s ``k``."""
-    return int(getattr(task, "n_out", 1))
+    """``task.n_out``, the number of output units (classes of a softmax task).
+
+    Gur-Ari, Roberts & Dyer (2018) find the gradient concentrated in the top
+    eigenspace of the Hessian whose dimension is the number of classes.
+    """
+    return int(task.n_out)
 
 
 _dot = optax.tree_utils.tree_vdot

@@ -7,7 +7,9 @@ The runner calls every optimizer the same way (no name checks in the loop)::
     )
 
 First-order transforms ignore the extra arguments; second-order ones evaluate the
-objective or take curvature products on ``objective.curvature_batch``. ``key`` is a
+objective or take curvature products on ``objective.curvature_batch`` (or on
+``objective.curvature_batch_at(key)``, a curvature batch drawn from a key they keep:
+optimizers never sample data from the task themselves). ``key`` is a
 fresh per-seed PRNG key; ``step`` is the global update index, the same for every seed
 and *not* vmapped, so a gate such as "re-estimate every k steps" can use
 ``lax.cond`` on it and really skip work when seeds are vmapped.
@@ -23,6 +25,7 @@ in the state tree:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +48,9 @@ class Objective(NamedTuple):
       grads: its gradient (what the runner passes as ``updates``).
       states: hidden states ``x_t`` on ``batch``, ``[T, B, H]``.
       state_grads: ``dE/dx_t`` on ``batch``, ``[T, B, H]``.
+      sample_curvature: ``key -> Batch``, the runner's curvature sampler (the
+        task's sampler at the configured curvature batch size; ``curvature_batch``
+        is one of its draws). Optional; :meth:`curvature_batch_at` needs it.
     """
 
     task: Task
@@ -54,6 +60,25 @@ class Objective(NamedTuple):
     grads: Any
     states: Array
     state_grads: Array
+    sample_curvature: Callable[[Array], Batch] | None = None
+
+    def curvature_batch_at(self, key: Array) -> Batch:
+        """The curvature minibatch drawn from ``key`` (same key, same batch).
+
+        For optimizers that keep a curvature batch over several updates (Hessian-free
+        with ``reuse_curvature > 1``): they keep the key, not the batch.
+
+        Raises:
+          ValueError: the objective was built without ``sample_curvature``.
+        """
+        if self.sample_curvature is None:
+            raise ValueError(
+                "this Objective has no curvature sampler: build it with "
+                "Objective(..., sample_curvature=lambda key: task.sample_batch(key, "
+                "curvature_batch_size)) (the runner does) to draw curvature batches "
+                "from kept keys"
+            )
+        return self.sample_curvature(key)
 
     def value(self, params, batch: Batch | None = None) -> Array:
         """The loss at ``params`` on ``batch`` (default: this step's batch)."""

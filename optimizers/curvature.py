@@ -7,10 +7,14 @@ For a task with outputs ``f(theta)`` (``[T, B, O]``), hidden states ``x(theta)``
   ``H_L`` the output-space Hessian of the masked loss (positive semi-definite);
 * exact Hessian: ``H v = d/de grad L(theta + e v)``;
 * structural damping (Martens & Sutskever 2011): ``S v = J_x^T D J_x v``, the
-  Gauss-Newton matrix of a matching loss on the hidden states, with
-  ``D = diag(sigma'(x_t))`` for vanilla units (the Hessian of the matching loss of a
-  logistic or tanh unit with respect to its input) and ``D = I`` otherwise; averaged
+  Gauss-Newton matrix of a matching loss on the hidden states, with ``D`` from
+  :meth:`tasks.base.Task.state_curvature` (``diag(sigma'(x_t))`` for vanilla units:
+  the Hessian of the matching loss of a logistic or tanh unit with respect to its
+  input; a task that does not declare it cannot use structural damping); averaged
   over sequences and summed over their valid steps.
+
+The loss weights ``m_t / sum_t m_t`` come from :meth:`tasks.base.Task.loss_weights`
+everywhere below.
 
 Each ``*_operator`` function linearizes the network once (``jax.linearize``) and
 returns a closure that reuses that linearization for every product, as Hessian-free's
@@ -34,25 +38,20 @@ Operator = Callable[[dict], dict]
 
 
 def output_hessian_vp(task: Task, outputs: Array, batch: Batch, v: Array) -> Array:
-    """``H_L v`` for the masked-mean output loss (per step, block diagonal)."""
-    mask = batch.mask.astype(outputs.dtype)
-    weight = mask / jnp.maximum(jnp.sum(mask), 1.0)
+    """``H_L v`` for the weighted output loss (per step, block diagonal)."""
+    weight = task.loss_weights(batch, outputs.dtype)
     return task.output_loss.hessian_vp(outputs, v) * weight[..., None]
 
 
-def state_curvature(task: Task, states: Array) -> Array:
-    """The diagonal ``D`` of the structural-damping matching loss, like ``states``."""
-    activation = getattr(task, "activation", None)
-    if activation is None or getattr(task, "leak", 0.0) != 0.0:
-        return jnp.ones_like(states)
-    return jax.vmap(jax.grad(activation))(states.ravel()).reshape(states.shape)
-
-
 def structural_diagonal(task: Task, states: Array, batch: Batch) -> Array:
-    """``D`` weighted by ``1 / n_sequences`` on valid steps and 0 on padding."""
+    """``task.state_curvature(states)`` weighted by ``1 / n_sequences`` on valid steps.
+
+    Steps at or beyond a sequence's length get 0. Raises ``NotImplementedError``
+    (from the task) when the task does not declare its state curvature.
+    """
     steps = jnp.arange(states.shape[0])[:, None]
     valid = (steps < batch.lengths[None, :]).astype(states.dtype)
-    return state_curvature(task, states) * (valid / states.shape[1])[..., None]
+    return task.state_curvature(states) * (valid / states.shape[1])[..., None]
 
 
 def gauss_newton_operator(
@@ -170,8 +169,7 @@ def gauss_newton_diagonal_sampled(
     estimator (Liu et al. 2023), with the batch size folded into the weights.
     """
     outputs, vjp = jax.vjp(lambda p: task.apply(p, batch.inputs)[0], params)
-    mask = batch.mask.astype(outputs.dtype)
-    root_w = jnp.sqrt(mask / jnp.maximum(jnp.sum(mask), 1.0))
+    root_w = jnp.sqrt(task.loss_weights(batch, outputs.dtype))
 
     def one(k):
         targets = task.output_loss.sample_targets(k, jax.lax.stop_gradient(outputs))
@@ -197,8 +195,7 @@ def gauss_newton_diagonal_exact(task: Task, params: dict, batch: Batch) -> dict:
     n_steps = batch.inputs.shape[0]
     outputs = task.apply(params, batch.inputs)[0]
     n_out = outputs.shape[-1]
-    mask = batch.mask.astype(outputs.dtype)
-    weight = mask / jnp.maximum(jnp.sum(mask), 1.0)
+    weight = task.loss_weights(batch, outputs.dtype)
     eye = jnp.eye(n_out, dtype=outputs.dtype)
     # H_tb as a dense [T, B, O, O] matrix, then its symmetric square root.
     hess = jax.vmap(

@@ -20,7 +20,8 @@ only the fresh estimate). The every-k gate is a ``lax.cond`` on the runner's glo
 
 Curvature is estimated on ``objective.curvature_batch`` with the estimators of
 :mod:`optimizers.curvature`, shared with Hessian-free and the analysis. Probes and
-sampled targets come from the per-seed ``key``, so they differ between seeds.
+sampled targets come from the per-seed ``key``, so they differ between seeds; ``update``
+raises ``ValueError`` without ``key=``.
 """
 
 from __future__ import annotations
@@ -107,8 +108,7 @@ def exact_gauss_newton() -> Estimator:
         del key
         batch = objective.curvature_batch
         diag = gauss_newton_diagonal_exact(objective.task, params, batch)
-        n_out = jax.eval_shape(objective.task.apply, params, batch.inputs)[0].shape[-1]
-        return diag, _count(batch.inputs.shape[0] * n_out, "grad_evals")
+        return diag, _count(batch.inputs.shape[0] * objective.task.n_out, "grad_evals")
 
     return estimate
 
@@ -140,6 +140,9 @@ def scale_by_diagonal_curvature(
       square: average the squared estimate (AdaHessian).
       bias_correction: Adam-style bias correction of both moving averages.
       gamma, clip: Sophia's scale and clipping threshold.
+
+    ``update`` needs ``params``, ``objective=`` and ``key=`` (a ``ValueError``
+    otherwise); the runner passes all three.
     """
     if rule not in ("divide", "sophia"):
         raise ValueError(f"rule must be 'divide' or 'sophia', not {rule!r}")
@@ -160,8 +163,12 @@ def scale_by_diagonal_curvature(
     def update_fn(updates, state, params=None, *, objective=None, key=None, **extra):
         if objective is None or params is None:
             raise ValueError("diagonal curvature methods need params and objective=")
+        if key is None:
+            raise ValueError(
+                "diagonal curvature methods need a PRNG key: pass key= to update "
+                "(the runner passes a fresh per-seed key every step)"
+            )
         step = extra.get("step", state.count)
-        key = jax.random.PRNGKey(0) if key is None else key
         count = state.count + 1
         mom = otu.tree_update_moment(updates, state.momentum, momentum, 1)
         if bias_correction:

@@ -24,7 +24,8 @@ matrix over the hidden states (``mu = 0`` disables it) and ``g`` the gradient on
 The runner passes the gradient batch as ``objective.batch`` and a freshly drawn
 curvature batch as ``objective.curvature_batch`` every update: this is the per-step
 curvature re-estimation. ``reuse_curvature = K`` instead keeps one curvature batch for
-K updates (redrawn from a stored key), so re-estimation can be compared with reuse.
+K updates (the state keeps its key; ``objective.curvature_batch_at(key)`` redraws
+it), so re-estimation can be compared with reuse.
 """
 
 from __future__ import annotations
@@ -182,7 +183,9 @@ def hessian_free(
       reuse_curvature: keep one curvature batch for this many updates (1: redraw
         every update).
 
-    Needs ``objective=`` and ``key=`` (the runner passes both).
+    Needs ``objective=`` and ``key=`` (the runner passes both); with
+    ``reuse_curvature > 1`` the objective must carry ``sample_curvature``, and
+    with ``structural`` the task must implement ``state_curvature``.
     """
     schedule = jnp.array((0, *save_schedule(max_cg_iters)), jnp.int32)
 
@@ -220,8 +223,7 @@ def hessian_free(
                 jax.random.fold_in(key, 1) if key is not None else state.curvature_key
             )
             curv_key = jnp.where(refresh, new_key, state.curvature_key)
-            size = objective.curvature_batch.inputs.shape[1]
-            curv_batch = objective.task.sample_batch(curv_key, size)
+            curv_batch = objective.curvature_batch_at(curv_key)
             age = state.age + 1
         struct = 0.0 if structural is None else lam * structural
         curv = curvature_operator(curvature, objective.task, params, curv_batch, struct)

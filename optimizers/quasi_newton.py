@@ -441,11 +441,14 @@ def _drop_batch_fields(state: Any) -> Any:
 
 
 def _residual_fn(task: Any, unravel: Callable) -> Callable:
-    """``r(theta) = sqrt(m_t / sum m) (f_t - y_t)``, flattened, so ``sum r^2 = f``."""
+    """``r(theta) = sqrt(w_t) (f_t - y_t)``, flattened, so ``sum r^2 = f``.
+
+    ``w`` are the task's :meth:`~tasks.base.Task.loss_weights` (``m_t / sum m``).
+    """
 
     def residual(flat, batch):
         outputs, _ = task.apply(unravel(flat), batch.inputs)
-        weight = batch.mask / jnp.maximum(jnp.sum(batch.mask), 1.0)
+        weight = task.loss_weights(batch)
         scaled = jnp.sqrt(weight)[..., None] * (outputs - batch.targets)
         return jnp.ravel(scaled.astype(flat.dtype))
 
@@ -460,17 +463,18 @@ def levenberg_marquardt(
 ) -> optax.GradientTransformationExtraArgs:
     """Levenberg-Marquardt, one iteration of ``jaxopt.LevenbergMarquardt`` per update.
 
-    For a squared-error task, ``f(theta) = sum_t m_t sum_o (f_to - y_to)^2 / sum m``
-    is ``sum r^2`` with residuals ``r_to = sqrt(m_t / sum m) (f_to - y_to)``. jaxopt
-    minimizes ``F = 1/2 ||r||^2 = f / 2`` (same minimizer) by solving
-    ``(J^T J + mu I) h = -J^T r`` (Levenberg 1944; Marquardt 1963). The trial step is
+    For a squared-error task, ``f(theta) = sum_t w_t sum_o (f_to - y_to)^2`` (``w``
+    the task's loss weights, ``m_t / sum m`` by default) is ``sum r^2`` with residuals
+    ``r_to = sqrt(w_t) (f_to - y_to)``. jaxopt minimizes ``F = 1/2 ||r||^2 = f / 2``
+    (same minimizer) by solving ``(J^T J + mu I) h = -J^T r`` (Levenberg 1944;
+    Marquardt 1963). The trial step is
     kept when the gain ratio ``rho = (F(theta) - F(theta + h)) / (1/2 h^T (mu h -
     J^T r))`` is positive, and then ``mu *= max(1/3, 1 - (2 rho - 1)^3)``, ``nu = 2``;
     otherwise ``mu *= nu``, ``nu *= 2`` (Nielsen 1999; Madsen, Nielsen & Tingleff 2004,
     Alg. 3.16). ``J^T r`` is half the runner's gradient. Meant for small problems
     (the wall model, small regressions): each update solves a linear system in all
     parameters. The residuals assume the task's loss is :class:`~tasks.base.Task`'s
-    default masked mean of the output loss.
+    ``loss_from_outputs``: the output loss weighted by ``task.loss_weights``.
 
     Args:
       damping: initial ``mu`` (absolute; jaxopt's own init, relative to

@@ -19,6 +19,7 @@ afterwards (:mod:`analysis.probes`) exactly where the wall was hit.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from optimizers.base import (
     Objective,
     collect_records,
     collect_work,
+    gradient_equivalents,
     loss_grads_and_states,
 )
 from tasks.base import Task
@@ -78,19 +80,10 @@ def _select(flag: Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
-def build_program(
-    task: Task,
-    build_optimizer: Callable[[dict], optax.GradientTransformationExtraArgs],
-    chunk_steps: int,
-    eval_size: int,
-    curvature_batch_size: int | None,
-    explosion_factor: float = 5.0,
-    event_slots: int = 0,
-    record_params: bool = False,
-) -> Program:
-    """Trace and jit (not yet compile) the init, chunk and success functions.
+class Settings(NamedTuple):
+    """What a compiled program is built from (static: a change recompiles).
 
-    Args:
+    Attributes:
       task: the task.
       build_optimizer: traced hyperparameters -> transformation.
       chunk_steps: steps per compiled chunk (the evaluation interval).
@@ -103,136 +96,191 @@ def build_program(
         per-step trace as ``param_<name>[_<i>]``: trajectories of small models.
     """
 
-    def init_one(key, hparams):
-        k_init, k_train = jax.random.split(key)
-        params = task.init(k_init)
-        opt_state = build_optimizer(hparams).init(params)
-        zero = jnp.zeros((), jnp.int32)
-        return SeedState(
-            params, opt_state, k_train, zero, zero, zero, jnp.array(True), zero - 1,
-            jnp.zeros((), jnp.float32), zero,
-        )  # fmt: skip
+    task: Task
+    build_optimizer: Callable[[dict], optax.GradientTransformationExtraArgs]
+    chunk_steps: int
+    eval_size: int
+    curvature_batch_size: int | None
+    explosion_factor: float = 5.0
+    event_slots: int = 0
+    record_params: bool = False
 
-    def train_step(state: SeedState, events: Events, hparams, step_limit, step):
-        key, k_batch, k_curv, k_opt = jax.random.split(state.key, 4)
-        batch = task.sample_batch(k_batch)
-        curv = task.sample_batch(k_curv, curvature_batch_size)
-        loss, grads, states, state_grads = loss_grads_and_states(
-            task, state.params, batch
-        )
-        objective = Objective(task, batch, curv, loss, grads, states, state_grads)
-        opt = build_optimizer(hparams)
-        updates, opt_state = opt.update(
-            grads,
-            state.opt_state,
-            state.params,
-            objective=objective,
-            key=k_opt,
-            step=step,
-        )
-        params = optax.apply_updates(state.params, updates)
-        live = state.active & (state.t < step_limit)
-        finite = jnp.isfinite(loss)
-        apply = live & finite
-        diverged = live & ~finite
-        norm = optax.tree_utils.tree_norm(grads).astype(jnp.float32)
-        counted = live & jnp.isfinite(norm)
-        explosion = (
-            counted
-            & (state.norm_seen >= EXPLOSION_WARMUP)
-            & (norm > explosion_factor * state.norm_avg)
-        )
-        norm_avg = jnp.where(
-            state.norm_seen > 0,
-            EXPLOSION_BETA * state.norm_avg + (1 - EXPLOSION_BETA) * norm,
-            norm,
-        )
-        if event_slots:
-            events = _keep_event(events, explosion, state.params, k_batch, step)
-        new_state = SeedState(
-            params=_select(apply, params, state.params),
-            opt_state=_select(apply, opt_state, state.opt_state),
-            key=key,
-            t=state.t + 1,
-            updates=state.updates + apply,
-            grad_evals=state.grad_evals + live,
-            active=state.active & ~diverged,
-            diverged_step=jnp.where(diverged, state.updates, state.diverged_step),
-            norm_avg=jnp.where(counted, norm_avg, state.norm_avg),
-            norm_seen=state.norm_seen + counted,
-        )
-        trace = {
-            "live": live,
-            "loss": loss,
-            "grad_norm": norm,
-            "explosion": explosion,
-            **collect_records(opt_state),
-        }
-        if record_params:
-            trace.update(_param_entries(state.params))
-        return new_state, events, trace
 
-    def chunk_one(state: SeedState, hparams, eval_key, step_limit, first_step):
-        # The global step index is not vmapped: gates on it (re-estimate curvature
-        # every k steps) stay real branches under the seed vmap.
-        steps = first_step + jnp.arange(chunk_steps, dtype=jnp.int32)
+def build_program(*args: Any, **kwargs: Any) -> Program:
+    """Trace and jit (not yet compile) the init, chunk and success functions.
 
-        def body(carry, t):
-            s, e, trace = train_step(*carry, hparams, step_limit, t)
-            return (s, e), trace
-
-        (state, events), trace = jax.lax.scan(
-            body, (state, _empty_events(state.params, event_slots)), steps
-        )
-        live = trace["live"]
-        n_live = jnp.maximum(jnp.sum(live), 1)
-
-        def live_mean(x):
-            return jnp.sum(jnp.where(live, x.astype(jnp.float32), 0.0)) / n_live
-
-        summary = {
-            "steps_live": jnp.sum(live),
-            "loss": live_mean(trace["loss"]),
-            "grad_norm_mean": live_mean(trace["grad_norm"]),
-            "grad_norm_max": jnp.max(jnp.where(live, trace["grad_norm"], -jnp.inf)),
-        }
-        for name, values in trace.items():
-            if name in ("live", "loss", "grad_norm") or name.startswith("param_"):
-                continue
-            suffix = "_rate" if values.dtype == jnp.bool_ else "_mean"
-            summary[name + suffix] = live_mean(values)
-        eval_batch = task.sample_batch(eval_key, eval_size)
-        metrics = task.metrics(state.params, eval_batch)
-        summary["eval_loss"] = metrics["loss"]
-        summary["eval_error"] = metrics["error_rate"]
-        work = collect_work(state.opt_state)
-        summary["grad_evals"] = state.grad_evals + work.grad_evals
-        summary["fun_evals"] = work.fun_evals
-        summary["curvature_products"] = work.curvature_products
-        return state, summary, trace, events
+    Takes the fields of :class:`Settings`. All seeds are vmapped: ``init`` maps seed
+    keys to a :class:`SeedState` with a leading seed axis, ``chunk`` runs
+    ``chunk_steps`` steps of every seed (a ``lax.scan``) and evaluates them, and
+    ``success`` is the full success test of one seed's parameters.
+    """
+    s = Settings(*args, **kwargs)
 
     def init_all(seed_keys, hparams):
-        return jax.vmap(init_one, in_axes=(0, None))(seed_keys, hparams)
-
-    def chunk_all(state, hparams, eval_keys, step_limit, first_step):
-        return jax.vmap(chunk_one, in_axes=(0, None, 0, None, None))(
-            state, hparams, eval_keys, step_limit, first_step
+        return jax.vmap(functools.partial(_init_one, s), in_axes=(0, None))(
+            seed_keys, hparams
         )
 
-    def success_one(params, key):
-        n_chunks = -(-task.success_sequences // SUCCESS_CHUNK)
-        size = min(SUCCESS_CHUNK, task.success_sequences)
-
-        def body(k):
-            return task.metrics(params, task.sample_batch(k, size))["error_rate"]
-
-        return jnp.mean(jax.lax.map(body, jax.random.split(key, n_chunks)))
+    def chunk_all(state, hparams, eval_keys, step_limit, first_step):
+        return jax.vmap(
+            functools.partial(_chunk_one, s), in_axes=(0, None, 0, None, None)
+        )(state, hparams, eval_keys, step_limit, first_step)
 
     return Program(
         init=jax.jit(init_all),
         chunk=jax.jit(chunk_all, donate_argnums=0),
-        success=jax.jit(success_one),
+        success=jax.jit(functools.partial(_success_one, s.task)),
     )
+
+
+def _init_one(s: Settings, key: Array, hparams: dict) -> SeedState:
+    k_init, k_train = jax.random.split(key)
+    params = s.task.init(k_init)
+    opt_state = s.build_optimizer(hparams).init(params)
+    zero = jnp.zeros((), jnp.int32)
+    return SeedState(
+        params, opt_state, k_train, zero, zero, zero, jnp.array(True), zero - 1,
+        jnp.zeros((), jnp.float32), zero,
+    )  # fmt: skip
+
+
+def _train_step(
+    s: Settings, state: SeedState, events: Events, hparams, step_limit, step
+):
+    """One update of one seed: batch, loss and gradients, optimizer, guards."""
+    key, k_batch, k_curv, k_opt = jax.random.split(state.key, 4)
+    batch = s.task.sample_batch(k_batch)
+    curv = s.task.sample_batch(k_curv, s.curvature_batch_size)
+    loss, grads, states, state_grads = loss_grads_and_states(
+        s.task, state.params, batch
+    )
+    objective = Objective(
+        s.task, batch, curv, loss, grads, states, state_grads,
+        sample_curvature=lambda k: s.task.sample_batch(k, s.curvature_batch_size),
+    )  # fmt: skip
+    opt = s.build_optimizer(hparams)
+    updates, opt_state = opt.update(
+        grads,
+        state.opt_state,
+        state.params,
+        objective=objective,
+        key=k_opt,
+        step=step,
+    )
+    params = optax.apply_updates(state.params, updates)
+    live = state.active & (state.t < step_limit)
+    # The non-finite policy covers the update too: a plug-in whose update is
+    # NaN/Inf on a finite loss has diverged, and its parameters stay finite.
+    finite = jnp.isfinite(loss) & _all_finite(updates)
+    apply = live & finite
+    diverged = live & ~finite
+    norm = optax.tree_utils.tree_norm(grads).astype(jnp.float32)
+    counted = live & jnp.isfinite(norm)
+    explosion = (
+        counted
+        & (state.norm_seen >= EXPLOSION_WARMUP)
+        & (norm > s.explosion_factor * state.norm_avg)
+    )
+    norm_avg = jnp.where(
+        state.norm_seen > 0,
+        EXPLOSION_BETA * state.norm_avg + (1 - EXPLOSION_BETA) * norm,
+        norm,
+    )
+    if s.event_slots:
+        events = _keep_event(events, explosion, state.params, k_batch, step)
+    new_state = SeedState(
+        params=_select(apply, params, state.params),
+        opt_state=_select(apply, opt_state, state.opt_state),
+        key=key,
+        t=state.t + 1,
+        updates=state.updates + apply,
+        grad_evals=state.grad_evals + live,
+        active=state.active & ~diverged,
+        diverged_step=jnp.where(diverged, state.updates, state.diverged_step),
+        norm_avg=jnp.where(counted, norm_avg, state.norm_avg),
+        norm_seen=state.norm_seen + counted,
+    )
+    trace = {
+        "live": live,
+        "loss": loss,
+        "grad_norm": norm,
+        "explosion": explosion,
+        **collect_records(opt_state),
+    }
+    if s.record_params:
+        trace.update(_param_entries(state.params))
+    return new_state, events, trace
+
+
+def _chunk_one(
+    s: Settings, state: SeedState, hparams, eval_key, step_limit, first_step
+):
+    """``chunk_steps`` steps of one seed, then its chunk summary and evaluation."""
+    # The global step index is not vmapped: gates on it (re-estimate curvature
+    # every k steps) stay real branches under the seed vmap.
+    steps = first_step + jnp.arange(s.chunk_steps, dtype=jnp.int32)
+
+    def body(carry, t):
+        state, events, trace = _train_step(s, *carry, hparams, step_limit, t)
+        return (state, events), trace
+
+    (state, events), trace = jax.lax.scan(
+        body, (state, _empty_events(state.params, s.event_slots)), steps
+    )
+    summary = _trace_summary(trace)
+    metrics = s.task.metrics(state.params, s.task.sample_batch(eval_key, s.eval_size))
+    summary["eval_loss"] = metrics["loss"]
+    summary["eval_error"] = metrics["error_rate"]
+    work = collect_work(state.opt_state)
+    summary["grad_evals"] = state.grad_evals + work.grad_evals
+    summary["fun_evals"] = work.fun_evals
+    summary["curvature_products"] = work.curvature_products
+    summary["grad_equivalents"] = gradient_equivalents(
+        summary["grad_evals"].astype(jnp.float32),
+        work.fun_evals.astype(jnp.float32),
+        work.curvature_products.astype(jnp.float32),
+        s.task.batch_size,
+        s.curvature_batch_size or s.task.batch_size,
+    )
+    return state, summary, trace, events
+
+
+def _trace_summary(trace: dict[str, Array]) -> dict[str, Array]:
+    """Means over the live steps of a chunk (``_rate`` for flags, else ``_mean``)."""
+    live = trace["live"]
+    n_live = jnp.maximum(jnp.sum(live), 1)
+
+    def live_mean(x):
+        return jnp.sum(jnp.where(live, x.astype(jnp.float32), 0.0)) / n_live
+
+    summary = {
+        "steps_live": jnp.sum(live),
+        "loss": live_mean(trace["loss"]),
+        "grad_norm_mean": live_mean(trace["grad_norm"]),
+        "grad_norm_max": jnp.max(jnp.where(live, trace["grad_norm"], -jnp.inf)),
+    }
+    for name, values in trace.items():
+        if name in ("live", "loss", "grad_norm") or name.startswith("param_"):
+            continue
+        suffix = "_rate" if values.dtype == jnp.bool_ else "_mean"
+        summary[name + suffix] = live_mean(values)
+    return summary
+
+
+def _success_one(task: Task, params: Any, key: Array) -> Array:
+    """Error rate on ``task.success_sequences`` fresh sequences (in chunks)."""
+    n_chunks = -(-task.success_sequences // SUCCESS_CHUNK)
+    size = min(SUCCESS_CHUNK, task.success_sequences)
+
+    def body(k):
+        return task.metrics(params, task.sample_batch(k, size))["error_rate"]
+
+    return jnp.mean(jax.lax.map(body, jax.random.split(key, n_chunks)))
+
+
+def _all_finite(tree: Any) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _empty_events(params: Any, slots: int) -> Events:

@@ -1,29 +1,48 @@
 """The task interface shared by optimizers, runner and analysis.
 
-A task separates the pieces that second-order methods and curvature probes need:
+A task separates the pieces that second-order methods and curvature probes need.
 
-* ``init(key) -> params``: parameter initialization (a nested dict of arrays);
-* ``sample_batch(key) -> Batch``: a pure, jittable sampler, time-major;
-* ``apply(params, inputs, state_offset) -> (outputs, states)``: the network, with the
-  hidden-state sequence that structural damping and the regularizer Omega use;
-* ``output_loss``: an :class:`~tasks.losses.OutputLoss`, convex in the outputs;
-* ``metrics(params, batch)`` and ``success(error_rate)``: the paper's success test.
+Required (abstract, or set by the subclass):
+
+* ``name``, ``output_loss`` (an :class:`~tasks.losses.OutputLoss`, convex in the
+  outputs) and ``batch_size``;
+* ``init(key) -> params``: parameter initialization (a pytree of arrays);
+* ``sample_batch(key, batch_size=None) -> Batch``: a pure, jittable sampler,
+  time-major;
+* ``apply(params, inputs, state_offset=None) -> (outputs, states)``: the network,
+  with the hidden-state sequence that structural damping and the regularizer Omega
+  use.
+
+Declared with a default (override when the default does not fit):
+
+* ``n_out``: number of output units (inferred from the shape of ``apply``'s outputs);
+* ``loss_weights(batch)``: per-step weights of the loss, ``mask / max(sum(mask), 1)``;
+* ``loss_from_outputs``, ``loss``, ``metrics``, ``success`` and ``describe``.
+
+Optional (the default raises ``NotImplementedError`` or returns None; only the
+features that need them fail):
+
+* ``state_curvature(states)``: the diagonal ``D`` of structural damping;
+* ``transition``, ``recurrent_mask``, ``recurrent_matrix``: the recurrent structure.
 
 The ``state_offset`` argument of ``apply`` is added to the hidden states ``x_t`` as they
 are computed, so that ``d loss / d state_offset = d loss / d x_t``: one backward pass
 gives the parameter gradient and the state gradients ``dE/dx_t`` used by Omega
 (Pascanu et al. 2013, eq. 9).
+
+``docs/tasks.md`` describes the contract with an example.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from tasks.losses import OutputLoss, masked_mean
+from tasks.losses import OutputLoss, loss_weights
 
 Array = jax.Array
 Params = dict
@@ -49,10 +68,17 @@ class Batch(NamedTuple):
 class Task(abc.ABC):
     """Base class of every task.
 
-    Subclasses set ``name``, ``output_loss``, ``batch_size`` and implement ``init``,
-    ``sample_batch`` and ``apply``. Tasks with a recurrent weight matrix also implement
-    ``transition`` and ``recurrent_mask`` (used by the regularizer Omega, the non-finite
-    "shrink" policy and the spectral-radius records).
+    Subclasses set ``name``, ``output_loss`` and ``batch_size`` and implement ``init``,
+    ``sample_batch`` and ``apply``. What else optimizers and analysis read from a
+    task is declared below, with its user:
+
+    * ``n_out`` (probes: the size ``k`` of the top eigenspace; the exact Gauss-Newton
+      diagonal's cost);
+    * ``loss_weights`` (the loss and every curvature product on it);
+    * ``state_curvature`` (structural damping of Hessian-free);
+    * ``transition`` (the regularizer Omega), ``recurrent_mask`` (Omega, the
+      non-finite "shrink" policy, the growth experiment's rescaling) and
+      ``recurrent_matrix`` (spectral-radius records and probes).
     """
 
     name: str = "task"
@@ -69,31 +95,114 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def sample_batch(self, key: Array, batch_size: int | None = None) -> Batch:
-        """A fresh minibatch (``batch_size`` defaults to the task's)."""
+        """A fresh minibatch (``batch_size`` defaults to the task's).
+
+        Must be a pure function of ``key`` (jittable, vmappable): the runner draws
+        gradient, curvature and evaluation batches from keys, and the same key must
+        give the same batch.
+        """
 
     @abc.abstractmethod
     def apply(
         self, params: Params, inputs: Array, state_offset: Array | None = None
     ) -> tuple[Array, Array]:
-        """Outputs ``[T, B, n_out]`` and hidden states ``[T, B, H]``."""
+        """Outputs ``[T, B, n_out]`` and hidden states ``[T, B, H]``.
+
+        ``state_offset`` (like the states, or None for zeros) is added to each
+        state ``x_t`` as it is computed, before it drives later steps.
+        """
+
+    # Output size.
+    @functools.cached_property
+    def n_out(self) -> int:
+        """Number of output units (classes of a softmax task).
+
+        Declare it as a class or instance attribute (``self.n_out = 3``) or a
+        property. This default infers it once from the last axis of ``apply``'s
+        outputs on a batch of ``sample_batch`` (shapes only, nothing is computed) and
+        raises ``NotImplementedError`` if that fails.
+        """
+        key = jax.random.PRNGKey(0)
+        try:
+            params = jax.eval_shape(self.init, key)
+            batch = jax.eval_shape(self.sample_batch, key)
+            outputs, _ = jax.eval_shape(self.apply, params, batch.inputs)
+        except Exception as err:
+            raise NotImplementedError(
+                f"task {self.name!r} does not declare n_out and it could not be "
+                "inferred from the shapes of init, sample_batch and apply; set "
+                "n_out (the number of output units) on the task"
+            ) from err
+        return int(outputs.shape[-1])
+
+    # Loss weights.
+    def loss_weights(self, batch: Batch, dtype=None) -> Array:
+        """Per-step weights ``w [T, B]`` of the loss ``sum_t w_t l(f_t, y_t)``.
+
+        The default is the masked mean ``mask / max(sum(mask), 1)`` (all zeros for an
+        all-zero mask). The loss and every curvature product (Gauss-Newton, sampled
+        and exact Gauss-Newton diagonals, Levenberg-Marquardt residuals) use these
+        weights, so an override changes all of them consistently.
+
+        Args:
+          batch: the minibatch (its ``mask``).
+          dtype: compute in this dtype (default: the mask's).
+        """
+        return loss_weights(batch.mask, dtype)
+
+    # Structural damping.
+    def state_curvature(self, states: Array) -> Array:
+        """The diagonal ``D`` of structural damping's matching loss, like ``states``.
+
+        Structural damping (Martens & Sutskever 2011) adds ``lambda mu J_x^T D J_x``
+        to the curvature, with ``J_x`` the Jacobian of the hidden states ``x_t``
+        (what ``apply`` returns) and ``D`` the Hessian of a loss that matches the
+        units' nonlinearity, taken with respect to ``x_t``: ``sigma'(x_t)`` when
+        ``x_t`` is the pre-activation of a logistic or tanh unit, 1 for linear
+        units. Only Hessian-free with ``structural=`` (and
+        :func:`optimizers.curvature.structural_operator`) calls it.
+        """
+        raise NotImplementedError(
+            f"task {self.name!r} does not implement state_curvature(states), which "
+            "structural damping needs: return the diagonal D of the matching loss' "
+            "Hessian with respect to the hidden states, an array like states (for "
+            "example 1 - tanh(states) ** 2 when the states are pre-activations of tanh "
+            "units, jnp.ones_like(states) for linear units), or run without "
+            "structural damping"
+        )
 
     # Optional recurrent structure.
     def transition(self, params: Params, state: Array, inputs: Array) -> Array:
-        """One step of the recurrence, ``x_{k+1} = F(x_k, u_{k+1})`` (for Omega)."""
+        """One step of the recurrence, ``x_{k+1} = F(x_k, u_{k+1})``.
+
+        ``state`` ``[..., H]`` and ``inputs`` ``[..., n_in]`` share their leading
+        axes (Omega calls it on all steps at once). Used by the regularizer Omega
+        (Pascanu et al. 2013, eq. 9).
+        """
         raise NotImplementedError(f"task {self.name!r} has no recurrent transition")
 
     def recurrent_mask(self, params: Params) -> Params:
-        """A pytree of booleans like ``params``, True for recurrent weights."""
+        """A pytree of Python booleans like ``params``, True for recurrent weights.
+
+        Used by Omega (its gradient moves only these), the non-finite "shrink"
+        policy and the growth experiment's spectral-radius rescaling.
+        """
         raise NotImplementedError(f"task {self.name!r} has no recurrent weights")
 
     def recurrent_matrix(self, params: Params) -> Array | None:
-        """The recurrent weight matrix (for the spectral radius), or None."""
+        """The square recurrent weight matrix, or None (no spectral radius).
+
+        Used for the spectral-radius records of the runner, the probes and the
+        growth experiment.
+        """
         return None
 
     # Derived quantities.
     def loss_from_outputs(self, outputs: Array, batch: Batch) -> Array:
-        """Mean output loss over the scored steps of the batch."""
-        return masked_mean(self.output_loss.value(outputs, batch.targets), batch.mask)
+        """``sum_t w_t l(f_t, y_t)`` with the :meth:`loss_weights` ``w``."""
+        per_step = self.output_loss.value(outputs, batch.targets)
+        dtype = jnp.result_type(per_step, batch.mask)
+        return jnp.sum(per_step * self.loss_weights(batch, dtype))
 
     def loss(self, params: Params, batch: Batch) -> Array:
         """The training objective on a batch."""
@@ -114,5 +223,9 @@ class Task(abc.ABC):
         return bool(error_rate < self.success_threshold)
 
     def describe(self) -> dict:
-        """The task's configuration (for results files)."""
+        """``{"name": ..., **hyperparameters}``: the validated hyperparameters.
+
+        Results files and run identifiers use it; a task with hyperparameters should
+        return all of them (the values its factory was called with).
+        """
         return {"name": self.name}

@@ -124,6 +124,26 @@ OUTPUT_LOSSES: dict[str, OutputLoss] = {
 }
 
 
+def loss_weights(mask: Array, dtype=None) -> Array:
+    """The per-step loss weights ``w = mask / max(sum(mask), 1)``, like ``mask``.
+
+    The one place where the masked mean is normalized: the loss
+    (:func:`masked_mean`, :meth:`tasks.base.Task.loss_from_outputs`) and every
+    curvature product on it (:mod:`optimizers.curvature`) use these weights, through
+    :meth:`tasks.base.Task.loss_weights`. An all-zero mask gives all-zero weights.
+
+    Args:
+      mask: ``[T, B]`` (or any shape) non-negative step weights, 0 on padding.
+      dtype: compute in this dtype (default: the mask's), e.g. the outputs' dtype so
+        that float64 outputs get float64 weights from a float32 mask.
+    """
+    mask = jnp.asarray(mask)
+    if dtype is not None:
+        mask = mask.astype(dtype)
+    return mask / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def masked_mean(per_step: Array, mask: Array) -> Array:
-    """``sum(mask * per_step) / max(sum(mask), 1)``: the mean over scored steps."""
-    return jnp.sum(per_step * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    """``sum_t w_t per_step_t``, :func:`loss_weights` ``w``: the scored-step mean."""
+    dtype = jnp.result_type(per_step, mask)
+    return jnp.sum(per_step * loss_weights(mask, dtype))

@@ -96,6 +96,19 @@ def rnn_transition(
     return leak * state + (1.0 - leak) * activation(state @ params["W_rec"] + drive)
 
 
+def rnn_state_curvature(states: Array, activation, leak: float) -> Array:
+    """Structural damping's ``D`` for the RNN's states ``x_t`` (like ``states``).
+
+    Vanilla units (leak 0): ``x_t`` is the pre-activation, so ``D = sigma'(x_t)``, the
+    Hessian of the matching loss of a logistic or tanh unit with respect to its input
+    (Martens & Sutskever 2011). Leaky units: ``D = 1`` (the state is the unit's
+    output, matched with squared error).
+    """
+    if leak != 0.0:
+        return jnp.ones_like(states)
+    return jax.vmap(jax.grad(activation))(states.ravel()).reshape(states.shape)
+
+
 def rnn_apply(
     params: dict,
     inputs: Array,

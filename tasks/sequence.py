@@ -17,7 +17,14 @@ from tasks import generators
 from tasks.base import Batch, Task
 from tasks.hparams import UNIT_OPEN, ConfigError, Range
 from tasks.losses import OutputLoss, softmax_cross_entropy, squared_error
-from tasks.rnn import ACTIVATIONS, Init, init_rnn, rnn_apply, rnn_transition
+from tasks.rnn import (
+    ACTIVATIONS,
+    Init,
+    init_rnn,
+    rnn_apply,
+    rnn_state_curvature,
+    rnn_transition,
+)
 
 Array = jax.Array
 Generator = Callable[[Array, int, int, Array], Batch]
@@ -34,7 +41,9 @@ class SequenceTask(Task):
 
     The minibatch length is drawn uniformly from ``[min_length, length]`` (one per
     minibatch, Pascanu et al. 2013); batches are padded to ``padded_length`` and masked,
-    so every length runs in the same compiled program.
+    so every length runs in the same compiled program. ``n_out`` is set from the
+    constructor; ``state_curvature`` is ``sigma'(x_t)`` for vanilla units and 1 for
+    leaky ones (:func:`tasks.rnn.rnn_state_curvature`).
     """
 
     def __init__(
@@ -82,6 +91,9 @@ class SequenceTask(Task):
 
     def apply(self, params, inputs, state_offset=None):
         return rnn_apply(params, inputs, self.activation, self.leak, state_offset)
+
+    def state_curvature(self, states):
+        return rnn_state_curvature(states, self.activation, self.leak)
 
     def transition(self, params, state, inputs):
         return rnn_transition(params, state, inputs, self.activation, self.leak)

@@ -48,13 +48,15 @@ class WallTask(Task):
     """Single-unit wall model as a task: parameters ``{"w": [1, 1], "b": [1]}``.
 
     The batch is trivial (one sequence, no inputs, target 0.7 at the last step); the
-    task counts as solved when ``E`` falls below ``tolerance``.
+    task counts as solved when ``E`` falls below ``tolerance``. Structural damping
+    uses ``D = I`` on the state ``x_t``.
     """
 
     name = "wall"
     output_loss = squared_error
     batch_size = 1
     success_sequences = 1
+    n_out = 1
 
     def __init__(self, n_steps, w0, b0, init_noise, tolerance):
         self.n_steps, self.w0, self.b0 = n_steps, w0, b0
@@ -98,6 +100,10 @@ class WallTask(Task):
         x0 = jnp.full((size, 1), X0, params["w"].dtype)
         _, states = jax.lax.scan(step, x0, state_offset)
         return jax.nn.sigmoid(states), states
+
+    def state_curvature(self, states):
+        # D = I: structural damping treats the single unit's state as linear.
+        return jnp.ones_like(states)
 
     def recurrent_mask(self, params):
         return {"w": True, "b": False}

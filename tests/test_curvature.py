@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from optimizers import Objective, loss_grads_and_states, make_optimizer
 from optimizers.curvature import (
     curvature_operator,
+    gauss_newton_diagonal_exact,
     gauss_newton_operator,
     hessian_operator,
     lanczos_tridiagonal,
@@ -18,7 +20,7 @@ from optimizers.curvature import (
     structural_operator,
     top_eigenpairs,
 )
-from tasks import make_task, sigmoid_cross_entropy
+from tasks import Batch, Task, make_task, sigmoid_cross_entropy, squared_error
 from tasks.generators import marked_pair
 from tasks.sequence import SequenceTask
 
@@ -146,6 +148,160 @@ def test_gauss_newton_equals_hessian_for_linear_outputs():
         hv = hessian_operator(task, params, batch)(only_out)
         for k in ("W_out", "b_out"):
             np.testing.assert_allclose(gv[k], hv[k], rtol=1e-10, atol=1e-14)
+
+
+# User tasks: structural damping needs the task's declared state curvature, and the
+# loss weights have one owner.
+
+
+class _UserTanhRNN(Task):
+    """A user-written tanh RNN (not a SequenceTask); states are pre-activations."""
+
+    name = "user_tanh"
+    output_loss = squared_error
+    batch_size = 3
+    n_steps, n_in, n_hidden = 4, 2, 3
+
+    def init(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        return {
+            "W_in": 0.8 * jax.random.normal(k1, (self.n_in, self.n_hidden)),
+            "W_rec": 0.8 * jax.random.normal(k2, (self.n_hidden, self.n_hidden)),
+            "W_out": 0.8 * jax.random.normal(k3, (self.n_hidden, 1)),
+        }
+
+    def sample_batch(self, key, batch_size=None):
+        size = batch_size or self.batch_size
+        k_u, k_y = jax.random.split(key)
+        lengths = jnp.array([4, 2, 3][:size] + [4] * max(size - 3, 0), jnp.int32)
+        valid = jnp.arange(self.n_steps)[:, None] < lengths[None, :]
+        inputs = (
+            jax.random.normal(k_u, (self.n_steps, size, self.n_in)) * valid[..., None]
+        )
+        targets = jax.random.normal(k_y, (self.n_steps, size, 1))
+        return Batch(inputs, targets, valid.astype(inputs.dtype), lengths)
+
+    def apply(self, params, inputs, state_offset=None):
+        if state_offset is None:
+            state_offset = jnp.zeros((*inputs.shape[:2], self.n_hidden), inputs.dtype)
+
+        def step(h, xs):
+            u, off = xs
+            x = h @ params["W_rec"] + u @ params["W_in"] + off
+            return jnp.tanh(x), x
+
+        h0 = jnp.zeros((inputs.shape[1], self.n_hidden), inputs.dtype)
+        _, states = jax.lax.scan(step, h0, (inputs, state_offset))
+        return jnp.tanh(states) @ params["W_out"], states
+
+
+class _UserTanhRNNWithCurvature(_UserTanhRNN):
+    def state_curvature(self, states):
+        return 1.0 - jnp.tanh(states) ** 2
+
+
+def _user_setup(task):
+    params = jax.tree.map(
+        lambda p: p.astype(jnp.float64), task.init(jax.random.PRNGKey(0))
+    )
+    batch = jax.tree.map(
+        lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x,
+        task.sample_batch(jax.random.PRNGKey(1)),
+    )
+    flat, unravel = ravel_pytree(params)
+    v = unravel(jax.random.normal(jax.random.PRNGKey(2), flat.shape, flat.dtype))
+    return params, batch, v
+
+
+def test_user_task_structural_damping_uses_its_state_curvature():
+    with jax.enable_x64(True):
+        task = _UserTanhRNNWithCurvature()
+        params, batch, v = _user_setup(task)
+        flat, unravel = ravel_pytree(params)
+        vf = ravel_pytree(v)[0]
+        states_of = lambda f: task.apply(unravel(f), batch.inputs)[1].ravel()  # noqa: E731
+        jac = jax.jacfwd(states_of)(flat)
+        states = task.apply(params, batch.inputs)[1]
+        # Reference: the matching loss of tanh units is sum log cosh(x) (its gradient
+        # is tanh), weighted by 1 / n_sequences on the valid steps; D is its dense
+        # Hessian by autodiff, not the task's formula.
+        n_steps, n_seq, _ = states.shape
+        valid = (np.arange(n_steps)[:, None] < np.asarray(batch.lengths)) / n_seq
+        weight = jnp.asarray(np.broadcast_to(valid[..., None], states.shape).ravel())
+
+        def matching(x):
+            return jnp.sum(weight * jnp.log(jnp.cosh(x)))
+
+        d_dense = jax.hessian(matching)(states.ravel())
+        s_dense = jac.T @ d_dense @ jac
+        sv = structural_operator(task, params, batch)(v)
+        np.testing.assert_allclose(ravel_pytree(sv)[0], s_dense @ vf, rtol=1e-9)
+        # The identity (the old silent fallback) is a different matrix here.
+        s_identity = jac.T @ (weight[:, None] * jac)
+        assert not np.allclose(s_identity @ vf, s_dense @ vf, rtol=0.05)
+        mu = 0.3
+        g_dense = _dense_gauss_newton(task, params, batch)
+        combined = gauss_newton_operator(task, params, batch, structural=mu)(v)
+        np.testing.assert_allclose(
+            ravel_pytree(combined)[0], (g_dense + mu * s_dense) @ vf, rtol=1e-9
+        )
+
+
+def test_structural_damping_without_state_curvature_is_an_error():
+    task = _UserTanhRNN()
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    with pytest.raises(NotImplementedError, match="state_curvature"):
+        structural_operator(task, params, batch)
+    with pytest.raises(NotImplementedError, match="structural damping"):
+        gauss_newton_operator(task, params, batch, structural=0.1)
+    with pytest.raises(NotImplementedError, match="state_curvature"):
+        curvature_operator("hessian", task, params, batch, 0.1)
+    # Without structural damping the task is fine.
+    v = jax.tree.map(jnp.ones_like, params)
+    assert np.isfinite(
+        ravel_pytree(gauss_newton_operator(task, params, batch)(v))[0]
+    ).all()
+    # ... and Hessian-free asks for it only when structural damping is on.
+    loss, grads, states, sgrads = loss_grads_and_states(task, params, batch)
+    objective = Objective(task, batch, batch, loss, grads, states, sgrads)
+    hf = make_optimizer("hf", structural=0.03, max_cg_iters=3)
+    with pytest.raises(NotImplementedError, match="state_curvature"):
+        hf.update(grads, hf.init(params), params, objective=objective)
+    plain = make_optimizer("hf", max_cg_iters=3)
+    updates, _ = plain.update(grads, plain.init(params), params, objective=objective)
+    assert np.isfinite(np.asarray(updates["W_rec"])).all()
+
+
+class _PerSequenceMean(_UserTanhRNNWithCurvature):
+    """Overrides the loss weights: each sequence's scored steps average to 1 / B."""
+
+    def loss_weights(self, batch, dtype=None):
+        mask = batch.mask if dtype is None else batch.mask.astype(dtype)
+        per_seq = jnp.maximum(jnp.sum(mask, axis=0, keepdims=True), 1.0)
+        return mask / (per_seq * mask.shape[1])
+
+
+def test_overridden_loss_weights_reach_the_loss_and_every_curvature_product():
+    with jax.enable_x64(True):
+        task = _PerSequenceMean()
+        params, batch, v = _user_setup(task)
+        flat, unravel = ravel_pytree(params)
+        mask = np.asarray(batch.mask)
+        w = mask / (mask.sum(axis=0, keepdims=True) * mask.shape[1])  # by hand
+        outputs = np.asarray(task.apply(params, batch.inputs)[0])
+        per_step = ((outputs - np.asarray(batch.targets)) ** 2).sum(-1)
+        np.testing.assert_allclose(task.loss(params, batch), (w * per_step).sum())
+        # Gauss-Newton in closed form: squared error has H_L = 2 w_t I per step.
+        outputs_of = lambda f: task.apply(unravel(f), batch.inputs)[0].ravel()  # noqa: E731
+        jac = np.asarray(jax.jacfwd(outputs_of)(flat))
+        g_dense = jac.T @ (2 * np.repeat(w.ravel(), outputs.shape[-1])[:, None] * jac)
+        gv = gauss_newton_operator(task, params, batch)(v)
+        np.testing.assert_allclose(
+            ravel_pytree(gv)[0], g_dense @ ravel_pytree(v)[0], rtol=1e-9
+        )
+        exact = gauss_newton_diagonal_exact(task, params, batch)
+        np.testing.assert_allclose(ravel_pytree(exact)[0], np.diag(g_dense), rtol=1e-9)
 
 
 def test_unknown_curvature_kind():

@@ -124,7 +124,10 @@ def test_every_k_and_ema_do_what_they_say():
     for t in range(7):
         loss, grads, states, sg = loss_grads_and_states(task, params, batch)
         objective = Objective(task, batch, batch, loss, grads, states, sg)
-        _, state = inner.update(grads, state, params, objective=objective, step=t)
+        key = jax.random.PRNGKey(t)
+        _, state = inner.update(
+            grads, state, params, objective=objective, key=key, step=t
+        )
         estimated.append(bool(state.record.values["estimated"]))
         curvatures.append(np.asarray(state.curvature["x"]))
     assert estimated == [True, False, False, True, False, False, True]
@@ -140,8 +143,31 @@ def test_every_k_and_ema_do_what_they_say():
     s = fresh.init(params)
     loss, grads, states, sg = loss_grads_and_states(task, params, batch)
     objective = Objective(task, batch, batch, loss, grads, states, sg)
-    _, s = fresh.update(grads, s, params, objective=objective, step=0)
+    _, s = fresh.update(
+        grads, s, params, objective=objective, key=jax.random.PRNGKey(0), step=0
+    )
     np.testing.assert_allclose(s.curvature["x"], 2 * a)
+
+
+@pytest.mark.parametrize("name", DIAGONAL)
+def test_diagonal_methods_without_a_key_raise(name):
+    # No silent fixed key: every seed would get the same probes and samples.
+    task = DiagonalQuadratic(jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
+    opt = make_optimizer(name)
+    params = task.init(None)
+    batch = task.sample_batch(None)
+    loss, grads, states, sg = loss_grads_and_states(task, params, batch)
+    objective = Objective(task, batch, batch, loss, grads, states, sg)
+    with pytest.raises(ValueError, match="key="):
+        opt.update(grads, opt.init(params), params, objective=objective, step=0)
+    with pytest.raises(ValueError, match="key="):
+        opt.update(grads, opt.init(params), params, objective=objective, key=None)
+    # With a key the same call works.
+    updates, _ = opt.update(
+        grads, opt.init(params), params, objective=objective,
+        key=jax.random.PRNGKey(0), step=0,
+    )  # fmt: skip
+    assert np.isfinite(np.asarray(updates["x"])).all()
 
 
 def test_every_k_gate_is_a_real_branch_under_vmap():

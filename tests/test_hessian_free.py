@@ -17,10 +17,13 @@ from runner.run import run
 from tasks import Batch, make_task
 
 
-def _objective(task, params, batch, curvature_batch=None):
+def _objective(task, params, batch, curvature_batch=None, sampler=None):
     loss, grads, states, sgrads = loss_grads_and_states(task, params, batch)
     curv = batch if curvature_batch is None else curvature_batch
-    return grads, Objective(task, batch, curv, loss, grads, states, sgrads)
+    if sampler is None:  # as the runner builds it: the task's sampler, curv's size
+        size = curv.inputs.shape[1]
+        sampler = lambda k: task.sample_batch(k, size)  # noqa: E731
+    return grads, Objective(task, batch, curv, loss, grads, states, sgrads, sampler)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +137,62 @@ def test_reuse_curvature_redraws_every_k_updates():
         keys.append(tuple(np.asarray(state.curvature_key)))
     assert keys[0] == keys[1] == keys[2] != keys[3]
     assert keys[3] == keys[4] == keys[5] != keys[6]
+
+
+def test_reuse_curvature_draws_its_batch_through_the_objective():
+    task = make_task("addition", length=10, hidden=4, batch_size=8)
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    size = 5
+    sample = task.sample_batch
+    drawn = []
+
+    def sampler(key):
+        drawn.append(tuple(np.asarray(key)))
+        return sample(key, size)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("Hessian-free sampled data from the task")
+
+    task.sample_batch = no_sampling  # the optimizer must go through the objective
+    hparams = {"damping": 1.0, "max_cg_iters": 8, "min_cg_iters": 8}
+    reuse = make_optimizer("hf", reuse_curvature=2, **hparams)
+    fresh = make_optimizer("hf", **hparams)
+    keys = [jax.random.PRNGKey(7), jax.random.PRNGKey(8), jax.random.PRNGKey(9)]
+    # HF keeps fold_in(key, 1) of the update that redraws (updates 0 and 2 here).
+    kept = [jax.random.fold_in(keys[i], 1) for i in (0, 0, 2)]
+    state_r, state_f = reuse.init(params), fresh.init(params)
+    for key, kept_key in zip(keys, kept, strict=True):
+        # Hand-built expectation: the task sampled with the kept key, at the size of
+        # the curvature batch, handed to HF with per-step re-estimation.
+        expected = sample(kept_key, size)
+        grads, objective = _objective(task, params, batch, batch, sampler)
+        updates_r, state_r = reuse.update(
+            grads, state_r, params, objective=objective, key=key
+        )
+        grads, objective = _objective(task, params, batch, expected, sampler)
+        updates_f, state_f = fresh.update(
+            grads, state_f, params, objective=objective, key=key
+        )
+        for k in params:
+            np.testing.assert_array_equal(updates_r[k], updates_f[k])
+        assert float(state_r.damping) == float(state_f.damping)
+        assert drawn[-1] == tuple(np.asarray(kept_key))
+    assert len(drawn) == 3  # one draw per reuse update, none by the fresh one
+
+
+def test_reuse_curvature_needs_a_curvature_sampler():
+    task = make_task("addition", length=10, hidden=4, batch_size=8)
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    loss, grads, states, sgrads = loss_grads_and_states(task, params, batch)
+    objective = Objective(task, batch, batch, loss, grads, states, sgrads)
+    opt = make_optimizer("hf", reuse_curvature=2, max_cg_iters=3)
+    with pytest.raises(ValueError, match="sample_curvature"):
+        opt.update(
+            grads, opt.init(params), params, objective=objective,
+            key=jax.random.PRNGKey(0),
+        )  # fmt: skip
 
 
 def test_preconditioner_diagonal_is_mean_squared_per_example_gradient():

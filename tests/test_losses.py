@@ -12,6 +12,7 @@ import pytest
 from tasks.losses import (
     OUTPUT_LOSSES,
     REGRESSION_TOLERANCE,
+    loss_weights,
     masked_mean,
     sigmoid_cross_entropy,
     softmax_cross_entropy,
@@ -193,3 +194,43 @@ def test_masked_mean():
     np.testing.assert_allclose(
         masked_mean(jnp.array([2.0, 4.0]), jnp.array([0.5, 0.0])), 1.0
     )
+
+
+def test_loss_weights_are_mask_over_its_total():
+    rng = np.random.default_rng(1)
+    mask = (rng.uniform(size=(7, 3)) < 0.5).astype(np.float32)
+    mask[0, 0] = 1.0
+    expected = mask / mask.sum()  # by hand
+    np.testing.assert_allclose(loss_weights(jnp.asarray(mask)), expected, rtol=1e-7)
+    # All-zero mask: all-zero weights (no NaN), so the loss is 0.
+    zero = np.asarray(loss_weights(jnp.zeros((7, 3))))
+    assert zero.shape == (7, 3) and np.all(zero == 0.0)
+    # A total below one is not divided by: the weights are the mask itself.
+    np.testing.assert_array_equal(
+        loss_weights(jnp.array([[0.25, 0.0], [0.5, 0.0]])), [[0.25, 0.0], [0.5, 0.0]]
+    )
+    # dtype: float64 weights from a float32 mask (the mask is cast first).
+    with jax.enable_x64(True):
+        w = loss_weights(jnp.asarray(mask), jnp.float64)
+        assert w.dtype == jnp.float64
+        np.testing.assert_allclose(w, mask.astype(np.float64) / mask.sum(), rtol=1e-15)
+
+
+def test_task_loss_uses_its_loss_weights():
+    # The Task method is the one owner: its default is the function above, and the
+    # loss is sum_t w_t l_t with those weights (checked by hand, all-zero mask too).
+    from tasks import make_task
+
+    task = make_task("memorization", length=3, n_pos=2, hidden=4, batch_size=3)
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    mask = np.asarray(batch.mask)
+    np.testing.assert_allclose(task.loss_weights(batch), mask / mask.sum(), rtol=1e-7)
+    outputs = task.apply(params, batch.inputs)[0]
+    per_step = np.asarray(softmax_cross_entropy.value(outputs, batch.targets))
+    np.testing.assert_allclose(
+        task.loss(params, batch), (per_step * mask).sum() / mask.sum(), rtol=1e-6
+    )
+    empty = batch._replace(mask=jnp.zeros_like(batch.mask))
+    assert np.all(np.asarray(task.loss_weights(empty)) == 0.0)
+    assert float(task.loss(params, empty)) == 0.0

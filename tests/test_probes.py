@@ -7,10 +7,18 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from test_curvature import _dense_gauss_newton, _setup
 
-from analysis.probes import SCALARS, VECTORS, ProbeConfig, make_probe, probe
-from runner import store
+from analysis import results as store
+from analysis.probes import (
+    SCALARS,
+    VECTORS,
+    ProbeConfig,
+    default_top_k,
+    make_probe,
+    probe,
+)
 from runner.run import run
 from runner.train import EXPLOSION_BETA, EXPLOSION_WARMUP
+from tasks import Batch, Task, softmax_cross_entropy
 from tasks.hparams import ConfigError
 
 
@@ -69,6 +77,68 @@ def test_probe_vmaps_and_keys_are_deterministic():
     )
     np.testing.assert_allclose(many["grad_norm"][0], a["grad_norm"], rtol=1e-5)
     assert many["top_eigenvalues"].shape == (2, task.n_out)
+
+
+class _ThreeClasses(Task):
+    """A user task with 3 output classes that does not declare ``n_out``."""
+
+    name = "three_classes"
+    output_loss = softmax_cross_entropy
+    batch_size = 6
+
+    def init(self, key):
+        k1, k2 = jax.random.split(key)
+        return {
+            "W1": jax.random.normal(k1, (2, 3)),
+            "W2": jax.random.normal(k2, (3, 3)),
+        }
+
+    def sample_batch(self, key, batch_size=None):
+        size = batch_size or self.batch_size
+        k_u, k_y = jax.random.split(key)
+        return Batch(
+            jax.random.normal(k_u, (1, size, 2)),
+            jax.random.randint(k_y, (1, size), 0, 3),
+            jnp.ones((1, size)),
+            jnp.ones((size,), jnp.int32),
+        )
+
+    def apply(self, params, inputs, state_offset=None):
+        hidden = jnp.tanh(inputs @ params["W1"])
+        if state_offset is not None:
+            hidden = hidden + state_offset
+        return hidden @ params["W2"], hidden
+
+
+class _ThreeClassesDeclared(_ThreeClasses):
+    n_out = 3
+
+
+@pytest.mark.parametrize("cls", [_ThreeClasses, _ThreeClassesDeclared])
+def test_probe_top_k_defaults_to_the_tasks_three_classes(cls):
+    with jax.enable_x64(True):
+        task = cls()
+        assert task.n_out == 3 and default_top_k(task) == 3
+        params = jax.tree.map(
+            lambda p: p.astype(jnp.float64), task.init(jax.random.PRNGKey(0))
+        )
+        batch = task.sample_batch(jax.random.PRNGKey(1))
+        batch = batch._replace(inputs=batch.inputs.astype(jnp.float64))
+        flat, unravel = ravel_pytree(params)
+        loss = lambda f: task.loss(unravel(f), batch)  # noqa: E731
+        g = np.asarray(jax.grad(loss)(flat))
+        vals, vecs = np.linalg.eigh(np.asarray(jax.hessian(loss)(flat)))
+        top = vecs[:, ::-1][:, :3]  # Gur-Ari et al.'s top eigenspace, k = 3 classes
+        config = ProbeConfig(lanczos_iters=flat.shape[0])  # top_k: the task's n_out
+        out = make_probe(task, config)(params, batch, jax.random.PRNGKey(0))
+        assert out["top_eigenvalues"].shape == (3,)
+        np.testing.assert_allclose(out["top_eigenvalues"], vals[::-1][:3], rtol=1e-6)
+        u = g / np.linalg.norm(g)
+        np.testing.assert_allclose(
+            out["topk_fraction"], np.sum((top.T @ u) ** 2), atol=1e-6
+        )
+        # No recurrent matrix: no spectral radius.
+        assert np.isnan(float(out["spectral_radius"]))
 
 
 @pytest.mark.parametrize(

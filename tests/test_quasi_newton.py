@@ -235,3 +235,21 @@ def test_no_jaxopt_warning_reaches_the_user():
         if issubclass(w.category, DeprecationWarning | FutureWarning | UserWarning)
     ]
     assert not bad
+
+
+def test_levenberg_marquardt_residuals_use_the_task_loss_weights():
+    # A task overriding loss_weights (per-sequence means): sum r^2 is its loss,
+    # checked against the weights computed by hand.
+    from test_curvature import _PerSequenceMean
+
+    task = _PerSequenceMean()
+    params = task.init(jax.random.PRNGKey(0))
+    batch = task.sample_batch(jax.random.PRNGKey(1))
+    flat, unravel = ravel_pytree(params)
+    residuals = np.asarray(qn._residual_fn(task, unravel)(flat, batch), np.float64)
+    mask = np.asarray(batch.mask, np.float64)
+    w = mask / (mask.sum(axis=0, keepdims=True) * mask.shape[1])
+    outputs = np.asarray(task.apply(params, batch.inputs)[0], np.float64)
+    expected = (w * ((outputs - np.asarray(batch.targets)) ** 2).sum(-1)).sum()
+    np.testing.assert_allclose((residuals**2).sum(), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(task.loss(params, batch)), expected, rtol=1e-5)

@@ -81,9 +81,8 @@ def test_task_smoke(name):
 
     out = jax.tree.map(np.asarray, evaluate(params, batch))
     outputs, states = out["outputs"], out["states"]
-    n_out = 1 if name == "wall" else task.n_out
     hidden = 1 if name == "wall" else task.hidden
-    assert outputs.shape == (n_steps, size, n_out)
+    assert outputs.shape == (n_steps, size, task.n_out)
     assert states.shape == (n_steps, size, hidden)
     assert np.all(np.isfinite(outputs)) and np.all(np.isfinite(states))
 
@@ -98,6 +97,12 @@ def test_task_smoke(name):
     recurrent_key = "w" if name == "wall" else "W_rec"
     assert marked == {recurrent_key}
     np.testing.assert_array_equal(task.recurrent_matrix(params), params[recurrent_key])
+
+    # Structural damping's D: sigma'(x) of the vanilla tanh units (by hand), 1 for
+    # the wall's state.
+    d = np.asarray(task.state_curvature(jnp.asarray(states)))
+    expected = np.ones_like(states) if name == "wall" else 1 - np.tanh(states) ** 2
+    np.testing.assert_allclose(d, expected, rtol=1e-5, atol=1e-6)
 
     # The one-step transition reproduces the state sequence of apply.
     np.testing.assert_allclose(out["next"], states[1:], rtol=1e-5, atol=1e-5)
@@ -282,3 +287,47 @@ def test_register_task_and_make_it(registered):
 
 def test_registry_is_clean_after_user_task():
     assert "test_constant" not in TASKS
+
+
+def test_user_task_contract_defaults():
+    task = _ConstantTask(0.5, 3)
+    params = task.init(jax.random.key(0))
+    batch = task.sample_batch(jax.random.key(1))
+    # n_out is inferred from apply's output shape when a task does not declare it.
+    assert task.n_out == 1
+    # The loss weights default to mask / sum(mask).
+    np.testing.assert_allclose(task.loss_weights(batch), np.full((3, 2), 1 / 6))
+    # Optional pieces raise (or return None) instead of guessing.
+    with pytest.raises(NotImplementedError, match="structural damping"):
+        task.state_curvature(jnp.zeros((3, 2, 1)))
+    with pytest.raises(NotImplementedError, match="transition"):
+        task.transition(params, jnp.zeros((2, 1)), jnp.zeros((2, 1)))
+    with pytest.raises(NotImplementedError, match="recurrent"):
+        task.recurrent_mask(params)
+    assert task.recurrent_matrix(params) is None
+    assert task.describe() == {"name": "constant"}
+
+
+def test_n_out_declared_or_not_inferable():
+    class Declared(_ConstantTask):
+        n_out = 4
+
+    assert Declared(0.5, 3).n_out == 4
+    instance = _ConstantTask(0.5, 3)
+    instance.n_out = 7  # an instance attribute overrides the default too
+    assert instance.n_out == 7
+
+    class Broken(_ConstantTask):
+        def apply(self, params, inputs, state_offset=None):
+            raise RuntimeError("no shapes here")
+
+    with pytest.raises(NotImplementedError, match="n_out"):
+        _ = Broken(0.5, 3).n_out
+
+
+def test_builtin_tasks_declare_n_out():
+    assert make_task("temporal_order").n_out == 4
+    assert make_task("temporal_order_3bit").n_out == 8
+    assert make_task("addition").n_out == 1
+    assert make_task("memorization").n_out == 6
+    assert make_task("wall").n_out == 1
