@@ -224,7 +224,7 @@ def growth_files(path: str | Path) -> list[Path]:
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path) as data:
+        with path.open("rb") as handle, np.load(handle) as data:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise ResultsError(f"result file {str(path)!r} does not exist") from None

@@ -8,9 +8,11 @@
     curvbench report DIR                    one self-contained HTML page of a dir
     curvbench plot NAME DIR                 one figure of a dir (PNG and SVG)
 
-Bad input (unknown names, misspelled or out-of-range hyperparameters, malformed TOML)
-prints one line naming the field and the valid choices and exits with status 2, before
-anything is compiled.
+Bad input (unknown names, misspelled or out-of-range hyperparameters and run options,
+malformed TOML, missing or damaged files, runs that cannot fit in memory) prints one
+line naming the field or file and the valid choices and exits with status 2, before
+anything is compiled. A comparison whose runs partly failed prints the table of the
+others, one line per failed run, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -309,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as err:
-        print(f"curvbench: error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
+    except (ConfigError, OSError) as err:  # bad input, or a path that cannot be used
         print(f"curvbench: error: {err}", file=sys.stderr)
         return 2
 

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import pytest
+
+# Most of the suite's time is XLA compilation of small programs (the dense references
+# run op by op). JAX's persistent compilation cache shares them between the pytest-xdist
+# workers and keeps them for the next run; compiled code is looked up by a hash of
+# the program, so results are the same with or without it.
+jax.config.update(
+    "jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".jax_cache")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 #: The event JAX records once per XLA backend compilation.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

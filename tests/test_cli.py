@@ -118,6 +118,7 @@ def test_parse_assignments_uses_toml_values():
         parse_assignments(["novalue"], "--task-param")
 
 
+@pytest.mark.slow
 def test_compare_cli_writes_runs_and_table(tmp_path, capsys):
     file = tmp_path / "c.toml"
     file.write_text(TINY_TOML)
@@ -145,6 +146,7 @@ def test_compare_cli_writes_runs_and_table(tmp_path, capsys):
     assert markdown.count("\n") == 6  # header, rule, four runs
 
 
+@pytest.mark.slow
 def test_run_cli(tmp_path, capsys):
     out = tmp_path / "r"
     argv = ["run", "--task", "wall", "--optimizer", "sgd_clip", "-o", "threshold=0.5"]
@@ -156,6 +158,7 @@ def test_run_cli(tmp_path, capsys):
     assert (records.opt_threshold == 0.5).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -190,6 +193,7 @@ def test_malformed_toml(tmp_path, capsys):
     assert "malformed TOML" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_lists(tmp_path):
     # The installed entry point, as a user runs it (exit status included).
     proc = subprocess.run(

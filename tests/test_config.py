@@ -127,6 +127,7 @@ def test_memory_estimate_refuses_a_run_that_cannot_fit(count_compiles):
         run_config("addition", "sgd", seeds=4096, steps=10**9, eval_every=1000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -212,6 +213,7 @@ def plain(learning_rate: float = 0.01):
 """
 
 
+@pytest.mark.slow
 def test_plugins_next_to_the_comparison_file(tmp_path, monkeypatch):
     folder = tmp_path / "study"
     folder.mkdir()
@@ -241,6 +243,7 @@ def test_plugins_next_to_the_comparison_file(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ run ids
+@pytest.mark.slow
 def test_registered_task_hyperparameters_are_in_the_run_id(tmp_path):
     name = f"user_task_{uuid.uuid4().hex[:6]}"
 
@@ -267,6 +270,7 @@ def test_registered_task_hyperparameters_are_in_the_run_id(tmp_path):
 
 
 # --------------------------------------------------------------- timing and failures
+@pytest.mark.slow
 def test_success_test_is_compiled_before_training(monkeypatch, count_compiles):
     wall = {"w0": 1.0, "b0": 0.35, "tolerance": 1e-3}
     args = dict(seeds=2, steps=200, eval_every=100, task_hparams=wall)
@@ -290,6 +294,7 @@ def test_success_test_is_compiled_before_training(monkeypatch, count_compiles):
     assert inside == [0]
 
 
+@pytest.mark.slow
 def test_failing_plugin_costs_only_its_run(tmp_path, capsys):
     module = _module(
         tmp_path,
@@ -316,6 +321,7 @@ def test_failing_plugin_costs_only_its_run(tmp_path, capsys):
     assert [f.name.split("-")[0] for f in results.run_files(out)] == ["wall"]
 
 
+@pytest.mark.slow
 def test_nonfinite_update_never_reaches_the_saved_parameters(tmp_path):
     def nan_update():
         def update_tree(updates, state, params=None):

@@ -194,6 +194,7 @@ def test_every_k_gate_is_a_real_branch_under_vmap():
     assert "cond[" not in jaxpr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DIAGONAL)
 def test_runner_runs_every_method_and_probes_differ_across_seeds(name):
     # init_noise = 0: both seeds start from the same point, so only the probes (or

@@ -175,6 +175,7 @@ def test_newton_zero_or_nonfinite_gradient_gives_zero_step(value):
 # (c) tiny runs through the runner, by import path.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [ADAM, NEWTON])
 def test_plugin_runs_through_the_runner(name):
     result = run(

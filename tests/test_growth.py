@@ -26,6 +26,7 @@ def test_rescale_recurrent_sets_the_spectral_radius():
     np.testing.assert_array_equal(scaled["W_in"], params["W_in"])
 
 
+@pytest.mark.slow
 def test_measure_rows_per_value_seed_and_batch():
     rows = measure(
         "temporal_order", "radius", [0.5, 1.0, 2.0], seeds=[3, 4], batches=2,
@@ -41,6 +42,7 @@ def test_measure_rows_per_value_seed_and_batch():
     assert one.nunique() == 2
 
 
+@pytest.mark.slow
 def test_length_sweep_uses_full_length_sequences():
     rows = measure(
         "temporal_order", "length", [10, 13, 16], task_hparams=TINY, seeds=[0],
@@ -57,6 +59,7 @@ def test_length_sweep_uses_full_length_sequences():
         np.testing.assert_allclose(other[name][0], rows[name][0], rtol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -76,6 +79,7 @@ def test_bad_growth_settings_are_rejected(kwargs, field):
         )
 
 
+@pytest.mark.slow
 def test_growth_from_a_run_checkpoint_and_file_round_trip(tmp_path):
     result = run(
         "temporal_order", "sgd_clip", seeds=[1, 2], steps=20, eval_every=10,
@@ -98,6 +102,7 @@ def test_growth_from_a_run_checkpoint_and_file_round_trip(tmp_path):
         growth_experiment(None, "length", [10, 12, 14], run_file=result.path, step=5)
 
 
+@pytest.mark.slow
 def test_growth_command_writes_results_and_figures(tmp_path, capsys):
     code = main(
         [
@@ -121,6 +126,7 @@ def test_growth_command_needs_exactly_one_sweep(capsys):
     assert "--lengths" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_radius_sweeps_fit_a_power_law_and_report_negative_curvature():
     rng = np.random.default_rng(0)
     radius = np.repeat([1.0, 1.5, 2.0, 3.0], 6)

@@ -108,6 +108,7 @@ def test_hf_with_exact_hessian_on_a_convex_problem():
     assert final == pytest.approx(2 * task.noise**2, rel=0.5)  # noise floor
 
 
+@pytest.mark.slow
 def test_curvature_comes_from_the_curvature_batch():
     task = make_task("addition", length=10, hidden=6, batch_size=16)
     params = task.init(jax.random.PRNGKey(0))
@@ -122,6 +123,7 @@ def test_curvature_comes_from_the_curvature_batch():
     assert not np.allclose(outs[0], outs[1])
 
 
+@pytest.mark.slow
 def test_reuse_curvature_redraws_every_k_updates():
     task = make_task("addition", length=10, hidden=4, batch_size=8)
     params = task.init(jax.random.PRNGKey(0))
@@ -139,6 +141,7 @@ def test_reuse_curvature_redraws_every_k_updates():
     assert keys[3] == keys[4] == keys[5] != keys[6]
 
 
+@pytest.mark.slow
 def test_reuse_curvature_draws_its_batch_through_the_objective():
     task = make_task("addition", length=10, hidden=4, batch_size=8)
     params = task.init(jax.random.PRNGKey(0))
@@ -195,6 +198,7 @@ def test_reuse_curvature_needs_a_curvature_sampler():
         )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_preconditioner_diagonal_is_mean_squared_per_example_gradient():
     task = make_task("addition", length=10, hidden=4, batch_size=5)
     params = task.init(jax.random.PRNGKey(0))
@@ -217,6 +221,7 @@ def test_preconditioner_diagonal_is_mean_squared_per_example_gradient():
     assert int(state.work.grad_evals) == 1
 
 
+@pytest.mark.slow
 def test_hf_trains_the_wall_model_vmapped():
     # Left of the wall region (w < 4) the surface is smooth: HF converges quickly.
     result = run(
@@ -229,6 +234,7 @@ def test_hf_trains_the_wall_model_vmapped():
     assert first[0] != first[1]  # the seeds really start from different points
 
 
+@pytest.mark.slow
 def test_hf_trains_addition_at_a_short_length():
     result = run(
         "addition", "hf", seeds=1, steps=60, eval_every=20, eval_size=500,
@@ -237,7 +243,14 @@ def test_hf_trains_addition_at_a_short_length():
         curvature_batch_size=50,
     )  # fmt: skip
     losses = result.records.eval_loss.to_numpy()
-    assert losses[-1] < 0.2 * losses[0]
+    # Well below the best constant prediction (its loss, measured on a large
+    # sample, is the reference) and still decreasing.
+    task = make_task("addition", length=10, hidden=16, batch_size=200)
+    batch = task.sample_batch(jax.random.PRNGKey(5), 2000)
+    mean = jnp.sum(batch.targets[..., 0] * task.loss_weights(batch))
+    constant = task.loss_from_outputs(jnp.full(batch.targets.shape, mean), batch)
+    assert losses[-1] < 0.35 * float(constant)
+    assert losses[-1] < losses[0]
     assert {"damping_mean", "rho_mean", "cg_iters_mean", "accepted_rate"} <= set(
         result.records.columns
     )

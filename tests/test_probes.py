@@ -163,12 +163,15 @@ def probed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("probed")
     result = run(
         "temporal_order", "sgd", seeds=2, steps=120, eval_every=20, eval_size=50,
-        task_hparams=TINY, opt_hparams={"learning_rate": 3.0}, probe_every=40,
+        # basic_tanh (spectral radius above 1) with a large step explodes repeatedly.
+        task_hparams={**TINY, "init": "basic_tanh"}, opt_hparams={"learning_rate": 3.0},
+        probe_every=40,
         probe_events=2, explosion_factor=2.0, lanczos_iters=8, out=out,
     )  # fmt: skip
     return result
 
 
+@pytest.mark.slow
 def test_periodic_probes_at_start_and_every_interval(probed_run):
     probes = store.load_probes(probed_run.path.parent)
     periodic = probes[probes["kind"] == "periodic"]
@@ -179,9 +182,10 @@ def test_periodic_probes_at_start_and_every_interval(probed_run):
     assert len(probes) == len(probed_run.probes)
     payload = store.read_run(probed_run.path)
     assert payload["probe_seconds"] > 0
-    assert payload["config"]["probes"]["probe_every"] == 40
+    assert payload["config"]["probe_every"] == 40
 
 
+@pytest.mark.slow
 def test_explosions_are_flagged_against_the_running_average(probed_run):
     steps = store.load_steps(probed_run.path)
     for _, trace in steps.groupby("seed"):
@@ -202,6 +206,7 @@ def test_explosions_are_flagged_against_the_running_average(probed_run):
     assert steps["explosion"].any(), "the large learning rate should explode"
 
 
+@pytest.mark.slow
 def test_explosion_probes_are_taken_where_the_gradient_exploded(probed_run):
     probes = probed_run.probes
     events = probes[probes["kind"] == "explosion"]
@@ -217,6 +222,7 @@ def test_explosion_probes_are_taken_where_the_gradient_exploded(probed_run):
     assert events.groupby([events["seed"], interval]).size().max() <= 2
 
 
+@pytest.mark.slow
 def test_probe_arguments_are_checked_before_compiling():
     with pytest.raises(ConfigError, match="probe_every"):
         run("temporal_order", "sgd", seeds=1, steps=10, eval_every=10,
@@ -229,6 +235,7 @@ def test_probe_arguments_are_checked_before_compiling():
             task_hparams=TINY, record_params=True)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_record_params_gives_the_wall_trajectory(tmp_path):
     result = run(
         "wall", "sgd", seeds=1, steps=5, eval_every=5, out=tmp_path,

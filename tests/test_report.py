@@ -82,6 +82,7 @@ def assert_self_contained(text: str) -> None:
         assert base64.b64decode(data, validate=True).startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow
 def test_report_without_probes_omits_curvature_sections(tmp_path):
     for label in ("SGD", "SGD-C"):
         write_fake_run(tmp_path, label)
@@ -96,6 +97,7 @@ def test_report_without_probes_omits_curvature_sections(tmp_path):
     assert "temporal_order" in text and "2 runs" in text
 
 
+@pytest.mark.slow
 def test_report_of_a_real_probed_wall_run(tmp_path):
     run(
         "wall", "sgd_clip", seeds=2, steps=40, eval_every=10, eval_size=1,
@@ -110,6 +112,7 @@ def test_report_of_a_real_probed_wall_run(tmp_path):
     assert "Could not draw" not in text
 
 
+@pytest.mark.slow
 def test_report_with_probes_wall_and_growth(tmp_path):
     probes = make_probes()
     for k, label in enumerate(("SGD", "SGD-C")):
@@ -149,6 +152,7 @@ def test_figures_return_none_without_their_data(tmp_path):
     assert report.FIGURES["training"](results) is not None
 
 
+@pytest.mark.slow
 def test_growth_only_directory(tmp_path):
     rows, fits = make_growth()
     save_growth(tmp_path / f"g{GROWTH_SUFFIX}", {"name": "g"}, rows, fits)
@@ -157,6 +161,7 @@ def test_growth_only_directory(tmp_path):
     assert "comparison" not in sections(text)
 
 
+@pytest.mark.slow
 def test_empty_directory_is_an_error(tmp_path):
     with pytest.raises(store.ResultsError, match=re.escape(str(tmp_path))):
         report.write_report(tmp_path)
@@ -164,6 +169,7 @@ def test_empty_directory_is_an_error(tmp_path):
         report.write_report(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_a_failing_figure_is_reported_not_raised(tmp_path, monkeypatch):
     write_fake_run(tmp_path, "SGD")
 

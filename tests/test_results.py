@@ -25,6 +25,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_file_is_versioned_and_round_trips(run_dir, tmp_path):
     (file,) = results.run_files(run_dir)
     run_dir = tmp_path / "copy"
@@ -73,6 +74,7 @@ def test_damaged_run_file_names_the_file(tmp_path, content, message, capsys):
     assert line.count("\n") == 1 and "broken.json" in line
 
 
+@pytest.mark.slow
 def test_truncated_arrays_name_the_file(run_dir, tmp_path):
     (file,) = results.run_files(run_dir)
     copy = tmp_path / file.name
@@ -85,6 +87,7 @@ def test_truncated_arrays_name_the_file(run_dir, tmp_path):
         results.load_params(copy, step=10)
 
 
+@pytest.mark.slow
 def test_report_reads_each_file_once(run_dir, monkeypatch, tmp_path):
     calls = []
     original = results.read_run

@@ -28,6 +28,7 @@ def _tiny_run(**kwargs):
     return run(**args)
 
 
+@pytest.mark.slow
 def test_results_reload_to_the_same_frame(tmp_path):
     result = _tiny_run(out=tmp_path, checkpoint_every=20)
     assert result.path.is_file()
@@ -61,6 +62,7 @@ def test_results_reload_to_the_same_frame(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_run_file_is_valid_json_without_nan(tmp_path):
     result = _tiny_run(out=tmp_path)
     text = result.path.read_text()
@@ -70,6 +72,7 @@ def test_run_file_is_valid_json_without_nan(tmp_path):
     assert payload["config"]["seeds"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_records():
     a = _tiny_run(seeds=[3, 4]).records.drop(columns="seconds")
     b = _tiny_run(seeds=[3, 4]).records.drop(columns="seconds")
@@ -82,6 +85,7 @@ def test_same_seed_gives_identical_records():
     assert not np.allclose(a[a.seed == 3].loss, c[c.seed == 5].loss)
 
 
+@pytest.mark.slow
 def test_learning_rate_sweep_compiles_once(count_compiles):
     _tiny_run(opt_hparams={"learning_rate": 0.01})
     losses = []
@@ -97,6 +101,7 @@ def test_learning_rate_sweep_compiles_once(count_compiles):
     assert not np.allclose(losses[0], losses[2])
 
 
+@pytest.mark.slow
 def test_divergence_is_recorded_not_raised(tmp_path):
     # A huge learning rate overflows the parameters: the loss becomes non-finite.
     result = run(
@@ -119,6 +124,7 @@ def test_divergence_is_recorded_not_raised(tmp_path):
     assert store.load_summary(tmp_path).status.eq("diverged").all()
 
 
+@pytest.mark.slow
 def test_solved_seed_stops_counting():
     # The wall model started near its target is solved in the first chunk.
     result = run(
@@ -137,12 +143,14 @@ def test_solved_seed_stops_counting():
     assert result.records.step.max() == 100
 
 
+@pytest.mark.slow
 def test_step_limit_not_multiple_of_chunk():
     result = _tiny_run(steps=50, eval_every=20)
     assert result.records.step.max() == 50  # three chunks, the last one partial
     assert (result.summary.updates == 50).all()
 
 
+@pytest.mark.slow
 def test_user_transformation_and_import_path():
     result = _tiny_run(optimizer=optax.sgd(0.01), steps=20)
     assert result.config["optimizer"]["name"] == "custom"
@@ -152,6 +160,7 @@ def test_user_transformation_and_import_path():
     assert np.isfinite(result.records.loss).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -169,6 +178,7 @@ def test_bad_run_arguments(kwargs, field):
         _tiny_run(**kwargs)
 
 
+@pytest.mark.slow
 def test_spectral_radius_record_matches_numpy():
     result = _tiny_run(steps=20)
     w = result.params["W_rec"]
@@ -176,6 +186,7 @@ def test_spectral_radius_record_matches_numpy():
     np.testing.assert_allclose(result.records.spectral_radius, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_objective_records_are_means_of_step_traces(tmp_path):
     result = _tiny_run(out=tmp_path, steps=20)
     steps = store.load_steps(result.path)
