@@ -1,9 +1,19 @@
-"""Small problems with known minimizers, shared by the optimizer tests."""
+"""Shared test problems and dense oracles.
+
+Small problems with known minimizers (for the optimizer tests), small tasks covering
+every output loss, and the explicit dense Gauss-Newton matrix that the curvature,
+diagonal, probe and example tests compare against (float64).
+"""
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
-from tasks import Batch, Task, squared_error
+from tasks import Batch, Task, make_task, sigmoid_cross_entropy, squared_error
+from tasks.generators import marked_pair
+from tasks.sequence import SequenceTask
 
 
 class LinearRegression(Task):
@@ -60,3 +70,105 @@ class DiagonalQuadratic(Task):
     def apply(self, params, inputs, state_offset=None):
         out = (jnp.sqrt(self.a) * params["x"])[None, None]
         return out, out if state_offset is None else out + state_offset
+
+
+def _xor_sigmoid_task():
+    """XOR with a sigmoid cross-entropy output (the third output loss)."""
+    return SequenceTask(
+        "xor_sigmoid", partial(marked_pair, op="xor"), 2, 1, sigmoid_cross_entropy,
+        length=6, min_length=4, padded_length=6, batch_size=3, hidden=4,
+        init="basic_tanh", leak=0.0, hparams={},
+    )  # fmt: skip
+
+
+#: Small tasks covering every output loss, sigmoid units and leaky units.
+DENSE_TASKS = {
+    "squared_error": lambda: make_task("addition", length=10, hidden=4, batch_size=3),
+    "softmax": lambda: make_task(
+        "temporal_order", length=12, min_length=10, hidden=3, batch_size=2
+    ),
+    "sigmoid": _xor_sigmoid_task,
+    "sigmoid_units": lambda: make_task(
+        "addition", length=10, hidden=4, batch_size=2, init="sigmoid"
+    ),
+    "leaky": lambda: make_task("addition", length=10, hidden=3, batch_size=2, leak=0.4),
+}
+
+
+def dense_setup(name):
+    """``(task, params, batch, v, n_params)``: perturbed params, a batch, a vector."""
+    task = DENSE_TASKS[name]()
+    params = task.init(jax.random.PRNGKey(0))
+    # Larger weights than the init so that nonlinearities and curvature matter.
+    flat, unravel = ravel_pytree(params)
+    noise = jax.random.normal(jax.random.PRNGKey(1), flat.shape, flat.dtype)
+    params = unravel(flat + 0.5 * noise)
+    batch = task.sample_batch(jax.random.PRNGKey(2))
+    v = unravel(jax.random.normal(jax.random.PRNGKey(3), flat.shape, flat.dtype))
+    return task, params, batch, v, flat.shape[0]
+
+
+def dense_gauss_newton(task, params, batch):
+    """The explicit ``J^T H_L J`` (Jacobian by forward mode, ``H_L`` by jax.hessian)."""
+    flat, unravel = ravel_pytree(params)
+    outputs_of = lambda f: task.apply(unravel(f), batch.inputs)[0].ravel()  # noqa: E731
+    jac = jax.jacfwd(outputs_of)(flat)
+    outputs = task.apply(params, batch.inputs)[0]
+    loss_of = lambda o: task.loss_from_outputs(o.reshape(outputs.shape), batch)  # noqa: E731
+    h_out = jax.hessian(loss_of)(outputs.ravel())
+    return jac.T @ h_out @ jac
+
+
+class UserTanhRNN(Task):
+    """A user-written tanh RNN (not a SequenceTask); states are pre-activations."""
+
+    name = "user_tanh"
+    output_loss = squared_error
+    batch_size = 3
+    n_steps, n_in, n_hidden = 4, 2, 3
+
+    def init(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        return {
+            "W_in": 0.8 * jax.random.normal(k1, (self.n_in, self.n_hidden)),
+            "W_rec": 0.8 * jax.random.normal(k2, (self.n_hidden, self.n_hidden)),
+            "W_out": 0.8 * jax.random.normal(k3, (self.n_hidden, 1)),
+        }
+
+    def sample_batch(self, key, batch_size=None):
+        size = batch_size or self.batch_size
+        k_u, k_y = jax.random.split(key)
+        lengths = jnp.array([4, 2, 3][:size] + [4] * max(size - 3, 0), jnp.int32)
+        valid = jnp.arange(self.n_steps)[:, None] < lengths[None, :]
+        inputs = (
+            jax.random.normal(k_u, (self.n_steps, size, self.n_in)) * valid[..., None]
+        )
+        targets = jax.random.normal(k_y, (self.n_steps, size, 1))
+        return Batch(inputs, targets, valid.astype(inputs.dtype), lengths)
+
+    def apply(self, params, inputs, state_offset=None):
+        if state_offset is None:
+            state_offset = jnp.zeros((*inputs.shape[:2], self.n_hidden), inputs.dtype)
+
+        def step(h, xs):
+            u, off = xs
+            x = h @ params["W_rec"] + u @ params["W_in"] + off
+            return jnp.tanh(x), x
+
+        h0 = jnp.zeros((inputs.shape[1], self.n_hidden), inputs.dtype)
+        _, states = jax.lax.scan(step, h0, (inputs, state_offset))
+        return jnp.tanh(states) @ params["W_out"], states
+
+
+class UserTanhRNNWithCurvature(UserTanhRNN):
+    def state_curvature(self, states):
+        return 1.0 - jnp.tanh(states) ** 2
+
+
+class PerSequenceMean(UserTanhRNNWithCurvature):
+    """Overrides the loss weights: each sequence's scored steps average to 1 / B."""
+
+    def loss_weights(self, batch, dtype=None):
+        mask = batch.mask if dtype is None else batch.mask.astype(dtype)
+        per_seq = jnp.maximum(jnp.sum(mask, axis=0, keepdims=True), 1.0)
+        return mask / (per_seq * mask.shape[1])

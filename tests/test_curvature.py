@@ -1,12 +1,18 @@
 """Curvature-vector products against explicit dense matrices, in float64."""
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from problems import (
+    DENSE_TASKS,
+    PerSequenceMean,
+    UserTanhRNN,
+    UserTanhRNNWithCurvature,
+    dense_gauss_newton,
+    dense_setup,
+)
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
 from optimizers.curvature import (
@@ -20,53 +26,6 @@ from optimizers.curvature import (
     structural_operator,
     top_eigenpairs,
 )
-from tasks import Batch, Task, make_task, sigmoid_cross_entropy, squared_error
-from tasks.generators import marked_pair
-from tasks.sequence import SequenceTask
-
-
-def _xor_sigmoid_task():
-    # XOR with a sigmoid cross-entropy output: covers the third output loss.
-    return SequenceTask(
-        "xor_sigmoid", partial(marked_pair, op="xor"), 2, 1, sigmoid_cross_entropy,
-        length=6, min_length=4, padded_length=6, batch_size=3, hidden=4,
-        init="basic_tanh", leak=0.0, hparams={},
-    )  # fmt: skip
-
-
-TASKS = {
-    "squared_error": lambda: make_task("addition", length=10, hidden=4, batch_size=3),
-    "softmax": lambda: make_task(
-        "temporal_order", length=12, min_length=10, hidden=3, batch_size=2
-    ),
-    "sigmoid": _xor_sigmoid_task,
-    "sigmoid_units": lambda: make_task(
-        "addition", length=10, hidden=4, batch_size=2, init="sigmoid"
-    ),
-    "leaky": lambda: make_task("addition", length=10, hidden=3, batch_size=2, leak=0.4),
-}
-
-
-def _setup(name):
-    task = TASKS[name]()
-    params = task.init(jax.random.PRNGKey(0))
-    # Larger weights than the init so that nonlinearities and curvature matter.
-    flat, unravel = ravel_pytree(params)
-    noise = jax.random.normal(jax.random.PRNGKey(1), flat.shape, flat.dtype)
-    params = unravel(flat + 0.5 * noise)
-    batch = task.sample_batch(jax.random.PRNGKey(2))
-    v = unravel(jax.random.normal(jax.random.PRNGKey(3), flat.shape, flat.dtype))
-    return task, params, batch, v, flat.shape[0]
-
-
-def _dense_gauss_newton(task, params, batch):
-    flat, unravel = ravel_pytree(params)
-    outputs_of = lambda f: task.apply(unravel(f), batch.inputs)[0].ravel()  # noqa: E731
-    jac = jax.jacfwd(outputs_of)(flat)
-    outputs = task.apply(params, batch.inputs)[0]
-    loss_of = lambda o: task.loss_from_outputs(o.reshape(outputs.shape), batch)  # noqa: E731
-    h_out = jax.hessian(loss_of)(outputs.ravel())
-    return jac.T @ h_out @ jac
 
 
 def _dense_structural(task, params, batch):
@@ -89,11 +48,11 @@ def _dense_structural(task, params, batch):
     return jac.T @ (d.ravel()[:, None] * jac)
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(DENSE_TASKS))
 def test_gauss_newton_product_equals_dense(name):
     with jax.enable_x64(True):
-        task, params, batch, v, _ = _setup(name)
-        dense = _dense_gauss_newton(task, params, batch)
+        task, params, batch, v, _ = dense_setup(name)
+        dense = dense_gauss_newton(task, params, batch)
         gv = gauss_newton_operator(task, params, batch)(v)
         np.testing.assert_allclose(
             ravel_pytree(gv)[0], dense @ ravel_pytree(v)[0], rtol=1e-9, atol=1e-12
@@ -102,10 +61,10 @@ def test_gauss_newton_product_equals_dense(name):
         assert np.linalg.eigvalsh(dense).min() > -1e-10
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(DENSE_TASKS))
 def test_hessian_product_equals_jax_hessian(name):
     with jax.enable_x64(True):
-        task, params, batch, v, _ = _setup(name)
+        task, params, batch, v, _ = dense_setup(name)
         flat, unravel = ravel_pytree(params)
         dense = jax.hessian(lambda f: task.loss(unravel(f), batch))(flat)
         hv = hessian_operator(task, params, batch)(v)
@@ -117,13 +76,13 @@ def test_hessian_product_equals_jax_hessian(name):
 @pytest.mark.parametrize("name", ["squared_error", "softmax", "sigmoid_units", "leaky"])
 def test_structural_damping_equals_dense(name):
     with jax.enable_x64(True):
-        task, params, batch, v, _ = _setup(name)
+        task, params, batch, v, _ = dense_setup(name)
         vf = ravel_pytree(v)[0]
         s_dense = _dense_structural(task, params, batch)
         sv = structural_operator(task, params, batch)(v)
         np.testing.assert_allclose(ravel_pytree(sv)[0], s_dense @ vf, rtol=1e-9)
         # Combined with Gauss-Newton in one pass, and added to the Hessian.
-        g_dense = _dense_gauss_newton(task, params, batch)
+        g_dense = dense_gauss_newton(task, params, batch)
         mu = 0.3
         combined = gauss_newton_operator(task, params, batch, structural=mu)(v)
         np.testing.assert_allclose(
@@ -141,7 +100,7 @@ def test_gauss_newton_equals_hessian_for_linear_outputs():
     # With W_rec = 0 and W_in = 0 the outputs are affine in (W_out, b_out) only
     # through a constant hidden state: on those parameters G equals H exactly.
     with jax.enable_x64(True):
-        task, params, batch, v, _ = _setup("squared_error")
+        task, params, batch, v, _ = dense_setup("squared_error")
         params = {**params, "W_rec": params["W_rec"] * 0, "W_in": params["W_in"] * 0}
         only_out = {k: (x if k in ("W_out", "b_out") else x * 0) for k, x in v.items()}
         gv = gauss_newton_operator(task, params, batch)(only_out)
@@ -152,52 +111,6 @@ def test_gauss_newton_equals_hessian_for_linear_outputs():
 
 # User tasks: structural damping needs the task's declared state curvature, and the
 # loss weights have one owner.
-
-
-class _UserTanhRNN(Task):
-    """A user-written tanh RNN (not a SequenceTask); states are pre-activations."""
-
-    name = "user_tanh"
-    output_loss = squared_error
-    batch_size = 3
-    n_steps, n_in, n_hidden = 4, 2, 3
-
-    def init(self, key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        return {
-            "W_in": 0.8 * jax.random.normal(k1, (self.n_in, self.n_hidden)),
-            "W_rec": 0.8 * jax.random.normal(k2, (self.n_hidden, self.n_hidden)),
-            "W_out": 0.8 * jax.random.normal(k3, (self.n_hidden, 1)),
-        }
-
-    def sample_batch(self, key, batch_size=None):
-        size = batch_size or self.batch_size
-        k_u, k_y = jax.random.split(key)
-        lengths = jnp.array([4, 2, 3][:size] + [4] * max(size - 3, 0), jnp.int32)
-        valid = jnp.arange(self.n_steps)[:, None] < lengths[None, :]
-        inputs = (
-            jax.random.normal(k_u, (self.n_steps, size, self.n_in)) * valid[..., None]
-        )
-        targets = jax.random.normal(k_y, (self.n_steps, size, 1))
-        return Batch(inputs, targets, valid.astype(inputs.dtype), lengths)
-
-    def apply(self, params, inputs, state_offset=None):
-        if state_offset is None:
-            state_offset = jnp.zeros((*inputs.shape[:2], self.n_hidden), inputs.dtype)
-
-        def step(h, xs):
-            u, off = xs
-            x = h @ params["W_rec"] + u @ params["W_in"] + off
-            return jnp.tanh(x), x
-
-        h0 = jnp.zeros((inputs.shape[1], self.n_hidden), inputs.dtype)
-        _, states = jax.lax.scan(step, h0, (inputs, state_offset))
-        return jnp.tanh(states) @ params["W_out"], states
-
-
-class _UserTanhRNNWithCurvature(_UserTanhRNN):
-    def state_curvature(self, states):
-        return 1.0 - jnp.tanh(states) ** 2
 
 
 def _user_setup(task):
@@ -215,7 +128,7 @@ def _user_setup(task):
 
 def test_user_task_structural_damping_uses_its_state_curvature():
     with jax.enable_x64(True):
-        task = _UserTanhRNNWithCurvature()
+        task = UserTanhRNNWithCurvature()
         params, batch, v = _user_setup(task)
         flat, unravel = ravel_pytree(params)
         vf = ravel_pytree(v)[0]
@@ -240,7 +153,7 @@ def test_user_task_structural_damping_uses_its_state_curvature():
         s_identity = jac.T @ (weight[:, None] * jac)
         assert not np.allclose(s_identity @ vf, s_dense @ vf, rtol=0.05)
         mu = 0.3
-        g_dense = _dense_gauss_newton(task, params, batch)
+        g_dense = dense_gauss_newton(task, params, batch)
         combined = gauss_newton_operator(task, params, batch, structural=mu)(v)
         np.testing.assert_allclose(
             ravel_pytree(combined)[0], (g_dense + mu * s_dense) @ vf, rtol=1e-9
@@ -248,7 +161,7 @@ def test_user_task_structural_damping_uses_its_state_curvature():
 
 
 def test_structural_damping_without_state_curvature_is_an_error():
-    task = _UserTanhRNN()
+    task = UserTanhRNN()
     params = task.init(jax.random.PRNGKey(0))
     batch = task.sample_batch(jax.random.PRNGKey(1))
     with pytest.raises(NotImplementedError, match="state_curvature"):
@@ -273,18 +186,9 @@ def test_structural_damping_without_state_curvature_is_an_error():
     assert np.isfinite(np.asarray(updates["W_rec"])).all()
 
 
-class _PerSequenceMean(_UserTanhRNNWithCurvature):
-    """Overrides the loss weights: each sequence's scored steps average to 1 / B."""
-
-    def loss_weights(self, batch, dtype=None):
-        mask = batch.mask if dtype is None else batch.mask.astype(dtype)
-        per_seq = jnp.maximum(jnp.sum(mask, axis=0, keepdims=True), 1.0)
-        return mask / (per_seq * mask.shape[1])
-
-
 def test_overridden_loss_weights_reach_the_loss_and_every_curvature_product():
     with jax.enable_x64(True):
-        task = _PerSequenceMean()
+        task = PerSequenceMean()
         params, batch, v = _user_setup(task)
         flat, unravel = ravel_pytree(params)
         mask = np.asarray(batch.mask)
@@ -305,13 +209,13 @@ def test_overridden_loss_weights_reach_the_loss_and_every_curvature_product():
 
 
 def test_unknown_curvature_kind():
-    task, params, batch, _, _ = _setup("squared_error")
+    task, params, batch, _, _ = dense_setup("squared_error")
     with pytest.raises(ValueError, match="gauss_newton"):
         curvature_operator("fisher", task, params, batch)
 
 
 def test_operator_is_linear_and_reuses_one_linearization():
-    task, params, batch, v, _ = _setup("softmax")
+    task, params, batch, v, _ = dense_setup("softmax")
     matvec = jax.jit(gauss_newton_operator(task, params, batch))
     a = matvec(v)
     b = matvec(jax.tree.map(lambda x: 2.0 * x, v))
@@ -407,7 +311,7 @@ def test_top_eigenpairs_converge_fast_on_separated_top():
 @pytest.mark.parametrize("name", ["softmax", "squared_error"])
 def test_top_eigenpairs_of_pytree_hessian(name):
     with jax.enable_x64(True):
-        task, params, batch, _, n = _setup(name)
+        task, params, batch, _, n = dense_setup(name)
         flat, unravel = ravel_pytree(params)
         dense = jax.jit(jax.hessian(lambda f: task.loss(unravel(f), batch)))(flat)
         values, vectors = np.linalg.eigh(np.asarray(dense))

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from problems import DiagonalQuadratic
-from test_curvature import _dense_gauss_newton, _setup
+from problems import DiagonalQuadratic, dense_gauss_newton, dense_setup
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
 from optimizers.curvature import (
@@ -25,8 +24,8 @@ DIAGONAL = ("sdlm", "adahessian", "sophia_h", "sophia_g")
 @pytest.mark.parametrize("name", ["squared_error", "softmax", "sigmoid", "leaky"])
 def test_exact_gauss_newton_diagonal_equals_dense(name):
     with jax.enable_x64(True):
-        task, params, batch, _, _ = _setup(name)
-        dense = np.diag(_dense_gauss_newton(task, params, batch))
+        task, params, batch, _, _ = dense_setup(name)
+        dense = np.diag(dense_gauss_newton(task, params, batch))
         exact = ravel_pytree(gauss_newton_diagonal_exact(task, params, batch))[0]
         np.testing.assert_allclose(exact, dense, rtol=1e-9, atol=1e-14)
 
@@ -40,18 +39,18 @@ def _samples(fn, n):
 @pytest.mark.parametrize("estimator", ["sampled_gn", "hutchinson_gn", "hutchinson_h"])
 def test_stochastic_estimators_are_unbiased(estimator):
     with jax.enable_x64(True):
-        task, params, batch, _, _ = _setup("softmax")
+        task, params, batch, _, _ = dense_setup("softmax")
         flat, unravel = ravel_pytree(params)
         if estimator == "hutchinson_h":
             dense = np.diag(jax.hessian(lambda f: task.loss(unravel(f), batch))(flat))
             op = hessian_operator(task, params, batch)
             one = jax.jit(lambda k: hutchinson_diagonal(op, k, params))
         elif estimator == "hutchinson_gn":
-            dense = np.diag(_dense_gauss_newton(task, params, batch))
+            dense = np.diag(dense_gauss_newton(task, params, batch))
             op = gauss_newton_operator(task, params, batch)
             one = jax.jit(lambda k: hutchinson_diagonal(op, k, params))
         else:
-            dense = np.diag(_dense_gauss_newton(task, params, batch))
+            dense = np.diag(dense_gauss_newton(task, params, batch))
             one = jax.jit(
                 lambda k: gauss_newton_diagonal_sampled(task, params, batch, k)
             )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from test_curvature import _dense_gauss_newton
+from problems import dense_gauss_newton
 
 import optimizers
 from examples.newton_step import NewtonStepState, newton_step
@@ -84,7 +84,7 @@ class Setup(NamedTuple):
 
 
 @functools.cache
-def _setup() -> Setup:
+def dense_setup() -> Setup:
     """Built once per process; call (and use) inside ``jax.enable_x64(True)``."""
     task = make_task("temporal_order", length=10, hidden=4, batch_size=3)
 
@@ -126,14 +126,14 @@ def _setup() -> Setup:
 
 def test_newton_curvature_and_step_equal_dense():
     with jax.enable_x64(True):
-        task, params, grads, objective, step = _setup()
+        task, params, grads, objective, step = dense_setup()
         g = ravel_pytree(grads)[0]
         assert g.dtype == jnp.float64
         u = g / np.linalg.norm(g)
-        dense = _dense_gauss_newton(task, params, objective.curvature_batch)
+        dense = dense_gauss_newton(task, params, objective.curvature_batch)
         c = u @ dense @ u
         # Measured on the curvature batch, not on the gradient batch.
-        c_batch = u @ _dense_gauss_newton(task, params, objective.batch) @ u
+        c_batch = u @ dense_gauss_newton(task, params, objective.batch) @ u
         assert not np.isclose(c, c_batch, rtol=1e-3)
 
         alpha, damping = 0.7, 1e-3
@@ -163,7 +163,7 @@ def test_newton_curvature_and_step_equal_dense():
 @pytest.mark.parametrize("value", [0.0, np.nan, np.inf])
 def test_newton_zero_or_nonfinite_gradient_gives_zero_step(value):
     with jax.enable_x64(True):
-        _, _, grads, _, step = _setup()
+        _, _, grads, _, step = dense_setup()
         bad = jax.tree.map(lambda g: jnp.full_like(g, value), grads)
         hparams = {"alpha": 1.0, "damping": 1e-3, "max_step": 1.0}
         updates, state = step(bad, None, hparams)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from test_curvature import _dense_gauss_newton, _setup
+from problems import dense_gauss_newton, dense_setup
 
 from analysis import results as store
 from analysis.probes import (
@@ -25,13 +25,13 @@ from tasks.hparams import ConfigError
 @pytest.mark.parametrize("name", ["softmax", "squared_error"])
 def test_probe_matches_dense_hessian_and_gauss_newton(name):
     with jax.enable_x64(True):
-        task, params, batch, _, n = _setup(name)
+        task, params, batch, _, n = dense_setup(name)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
         flat, unravel = ravel_pytree(params)
         loss = lambda f: task.loss(unravel(f), batch)  # noqa: E731
         g = np.asarray(jax.grad(loss)(flat))
         hess = np.asarray(jax.jit(jax.hessian(loss))(flat))
-        gn = np.asarray(_dense_gauss_newton(task, params, batch))
+        gn = np.asarray(dense_gauss_newton(task, params, batch))
         u = g / np.linalg.norm(g)
         k = 2
         config = ProbeConfig(lanczos_iters=n, top_k=k, fd_radius=1e-6)
@@ -65,7 +65,7 @@ def test_probe_matches_dense_hessian_and_gauss_newton(name):
 
 
 def test_probe_vmaps_and_keys_are_deterministic():
-    task, params, batch, _, _ = _setup("softmax")
+    task, params, batch, _, _ = dense_setup("softmax")
     fn = make_probe(task, ProbeConfig(lanczos_iters=6))
     a = fn(params, batch, jax.random.PRNGKey(3))
     b = fn(params, batch, jax.random.PRNGKey(3))
@@ -150,7 +150,7 @@ def test_probe_top_k_defaults_to_the_tasks_three_classes(cls):
     ],
 )
 def test_bad_probe_config_names_the_field(config, field):
-    task = _setup("softmax")[0]
+    task = dense_setup("softmax")[0]
     with pytest.raises(ConfigError, match=field):
         make_probe(task, config)
 

@@ -240,9 +240,9 @@ def test_no_jaxopt_warning_reaches_the_user():
 def test_levenberg_marquardt_residuals_use_the_task_loss_weights():
     # A task overriding loss_weights (per-sequence means): sum r^2 is its loss,
     # checked against the weights computed by hand.
-    from test_curvature import _PerSequenceMean
+    from problems import PerSequenceMean
 
-    task = _PerSequenceMean()
+    task = PerSequenceMean()
     params = task.init(jax.random.PRNGKey(0))
     batch = task.sample_batch(jax.random.PRNGKey(1))
     flat, unravel = ravel_pytree(params)
