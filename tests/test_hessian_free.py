@@ -26,6 +26,21 @@ def _objective(task, params, batch, curvature_batch=None, sampler=None):
     return grads, Objective(task, batch, curv, loss, grads, states, sgrads, sampler)
 
 
+def _jitted_update(task, opt):
+    """``(params, state, batch, curv, key) -> (updates, state)``, compiled once.
+
+    Eager Hessian-free updates compile their CG loop on every call; the jitted one
+    compiles once for all calls with the same shapes.
+    """
+
+    @jax.jit
+    def update(params, state, batch, curv, key):
+        grads, objective = _objective(task, params, batch, curv)
+        return opt.update(grads, state, params, objective=objective, key=key)
+
+    return update
+
+
 @pytest.mark.parametrize(
     "rho, factor",
     [(np.nan, 1.5), (-3.0, 1.5), (0.1, 1.5), (0.25, 1.0), (0.5, 1.0), (0.75, 1.0),
@@ -108,34 +123,31 @@ def test_hf_with_exact_hessian_on_a_convex_problem():
     assert final == pytest.approx(2 * task.noise**2, rel=0.5)  # noise floor
 
 
-@pytest.mark.slow
 def test_curvature_comes_from_the_curvature_batch():
     task = make_task("addition", length=10, hidden=6, batch_size=16)
     params = task.init(jax.random.PRNGKey(0))
     batch = task.sample_batch(jax.random.PRNGKey(1))
     opt = make_optimizer("hf", damping=1.0, max_cg_iters=20)
+    update = _jitted_update(task, opt)
     outs = []
     for seed in (2, 3):
         curv = task.sample_batch(jax.random.PRNGKey(seed), 8)
-        grads, objective = _objective(task, params, batch, curv)
-        updates, _ = opt.update(grads, opt.init(params), params, objective=objective)
+        key = jax.random.PRNGKey(0)
+        updates, _ = update(params, opt.init(params), batch, curv, key)
         outs.append(np.asarray(updates["W_rec"]))
     assert not np.allclose(outs[0], outs[1])
 
 
-@pytest.mark.slow
 def test_reuse_curvature_redraws_every_k_updates():
     task = make_task("addition", length=10, hidden=4, batch_size=8)
     params = task.init(jax.random.PRNGKey(0))
     opt = make_optimizer("hf", reuse_curvature=3, max_cg_iters=5)
+    update = _jitted_update(task, opt)
     state = opt.init(params)
     keys = []
     for step in range(7):
         batch = task.sample_batch(jax.random.PRNGKey(100 + step))
-        grads, objective = _objective(task, params, batch)
-        _, state = opt.update(
-            grads, state, params, objective=objective, key=jax.random.PRNGKey(step)
-        )
+        _, state = update(params, state, batch, batch, jax.random.PRNGKey(step))
         keys.append(tuple(np.asarray(state.curvature_key)))
     assert keys[0] == keys[1] == keys[2] != keys[3]
     assert keys[3] == keys[4] == keys[5] != keys[6]
