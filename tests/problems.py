@@ -5,6 +5,7 @@ every output loss, and the explicit dense Gauss-Newton matrix that the curvature
 diagonal, probe and example tests compare against (float64).
 """
 
+import functools
 from functools import partial
 
 import jax
@@ -109,14 +110,27 @@ def dense_setup(name):
 
 
 def dense_gauss_newton(task, params, batch):
-    """The explicit ``J^T H_L J`` (Jacobian by forward mode, ``H_L`` by jax.hessian)."""
-    flat, unravel = ravel_pytree(params)
-    outputs_of = lambda f: task.apply(unravel(f), batch.inputs)[0].ravel()  # noqa: E731
-    jac = jax.jacfwd(outputs_of)(flat)
-    outputs = task.apply(params, batch.inputs)[0]
-    loss_of = lambda o: task.loss_from_outputs(o.reshape(outputs.shape), batch)  # noqa: E731
-    h_out = jax.hessian(loss_of)(outputs.ravel())
-    return jac.T @ h_out @ jac
+    """The explicit ``J^T H_L J`` (Jacobian by forward mode, ``H_L`` by jax.hessian).
+
+    Compiled once per task (run op by op, its many small operations would each
+    compile on their own).
+    """
+    return _dense_gauss_newton_of(task)(params, batch)
+
+
+@functools.cache
+def _dense_gauss_newton_of(task):
+    @jax.jit
+    def dense(params, batch):
+        flat, unravel = ravel_pytree(params)
+        outputs_of = lambda f: task.apply(unravel(f), batch.inputs)[0].ravel()  # noqa: E731
+        jac = jax.jacfwd(outputs_of)(flat)
+        outputs = task.apply(params, batch.inputs)[0]
+        loss_of = lambda o: task.loss_from_outputs(o.reshape(outputs.shape), batch)  # noqa: E731
+        h_out = jax.hessian(loss_of)(outputs.ravel())
+        return jac.T @ h_out @ jac
+
+    return dense
 
 
 class UserTanhRNN(Task):
