@@ -92,12 +92,11 @@ def train(
         callback.on_start(run)
     for index in range(-(-steps // eval_every)):
         was_active = np.asarray(run.state.active)
-        eval_keys = jax.vmap(lambda k, c=index: jax.random.fold_in(k, c))(run.eval_keys)
         (run.state, summary, trace, events), dt = timed(
             program.chunk,
             run.state,
             run.hparams,
-            eval_keys,
+            run.eval_keys,
             jnp.int32(steps),
             jnp.int32(index * eval_every),
         )

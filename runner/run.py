@@ -26,7 +26,7 @@ from runner import callbacks as cb
 from runner.config import OptimizerSpec, RunConfig, run_config
 from runner.loop import RunState, train
 from runner.probing import ProbeCallback
-from runner.train import Program, build_program, seed_keys, timed
+from runner.train import Program, Settings, build_program, seed_keys, timed
 from tasks.base import Task
 
 __all__ = ["RunResult", "compile_program", "execute", "load_result", "run"]
@@ -97,7 +97,9 @@ def execute(
     seeds = list(opts.seeds)
     train_keys, eval_keys = seed_keys(seeds)
     hparams = {k: jnp.float32(v) for k, v in config.optimizer.traced.items()}
-    program, compile_seconds = timed_compile(config, train_keys, hparams)
+    start = time.perf_counter()
+    program = compile_program(config, train_keys, hparams)
+    compile_seconds = time.perf_counter() - start
     state, init_seconds = timed(program.init, train_keys, hparams)
     run_state = RunState(state, hparams, eval_keys, seconds=init_seconds)
     callbacks = [
@@ -142,15 +144,6 @@ def _stack(traces: list[dict], steps: int) -> dict[str, np.ndarray] | None:
     }
 
 
-def timed_compile(
-    config: RunConfig, train_keys: jax.Array, hparams: dict
-) -> tuple[Program, float]:
-    """The compiled program of ``config`` (cached) and the seconds it took."""
-    start = time.perf_counter()
-    program = compile_program(config, train_keys, hparams)
-    return program, time.perf_counter() - start
-
-
 def compile_program(config: RunConfig, train_keys: jax.Array, hparams: dict) -> Program:
     """Lower and compile init, chunk and success test of a configuration.
 
@@ -173,11 +166,17 @@ def compile_program(config: RunConfig, train_keys: jax.Array, hparams: dict) -> 
         opts.record_params,
     )
     if key not in _PROGRAMS:
-        program = build_program(
-            task, spec.build, opts.eval_every, opts.eval_size,
-            opts.curvature_batch_size, float(opts.explosion_factor), events,
-            opts.record_params,
-        )  # fmt: skip
+        settings = Settings(
+            task=task,
+            build_optimizer=spec.build,
+            chunk_steps=opts.eval_every,
+            eval_size=opts.eval_size,
+            curvature_batch_size=opts.curvature_batch_size,
+            explosion_factor=float(opts.explosion_factor),
+            event_slots=events,
+            record_params=opts.record_params,
+        )
+        program = build_program(settings)
         state = jax.eval_shape(program.init, train_keys, hparams)
         seed_params = jax.eval_shape(task.init, train_keys[0])
         int32 = jax.ShapeDtypeStruct((), jnp.int32)

@@ -106,15 +106,14 @@ class Settings(NamedTuple):
     record_params: bool = False
 
 
-def build_program(*args: Any, **kwargs: Any) -> Program:
+def build_program(s: Settings) -> Program:
     """Trace and jit (not yet compile) the init, chunk and success functions.
 
-    Takes the fields of :class:`Settings`. All seeds are vmapped: ``init`` maps seed
-    keys to a :class:`SeedState` with a leading seed axis, ``chunk`` runs
-    ``chunk_steps`` steps of every seed (a ``lax.scan``) and evaluates them, and
-    ``success`` is the full success test of one seed's parameters.
+    All seeds are vmapped: ``init`` maps seed keys to a :class:`SeedState` with a
+    leading seed axis, ``chunk`` runs ``chunk_steps`` steps of every seed (a
+    ``lax.scan``) and evaluates them, and ``success`` is the full success test of
+    one seed's parameters.
     """
-    s = Settings(*args, **kwargs)
 
     def init_all(seed_keys, hparams):
         return jax.vmap(functools.partial(_init_one, s), in_axes=(0, None))(
@@ -228,6 +227,9 @@ def _chunk_one(
         body, (state, _empty_events(state.params, s.event_slots)), steps
     )
     summary = _trace_summary(trace)
+    # A fresh evaluation batch per chunk: the seed's evaluation key, folded with the
+    # chunk's index.
+    eval_key = jax.random.fold_in(eval_key, first_step // s.chunk_steps)
     metrics = s.task.metrics(state.params, s.task.sample_batch(eval_key, s.eval_size))
     summary["eval_loss"] = metrics["loss"]
     summary["eval_error"] = metrics["error_rate"]
