@@ -45,14 +45,32 @@ def _eig_radius_host(w: np.ndarray) -> np.ndarray:
     return radius.astype(np.float32)
 
 
-def spectral_radius(w: Array) -> Array:
-    """Largest absolute eigenvalue of a square matrix (or a batch of them).
+def _eig_radius_cpu(w: Array) -> Array:
+    # XLA's CPU LAPACK (geev) inside the compiled program, in float64 whatever the
+    # global precision, so the value is the host computation's, to the last bit.
+    with jax.enable_x64(True):
+        eigenvalues = jnp.linalg.eigvals(w.astype(jnp.float64))
+        return jnp.abs(eigenvalues).max(axis=-1).astype(jnp.float32)
 
-    Computed by LAPACK on the host through ``jax.pure_callback`` so that it works inside
-    ``jit`` and ``vmap`` on every backend (``jnp.linalg.eigvals`` is CPU-only).
-    """
+
+def _eig_radius_callback(w: Array) -> Array:
     shape = jax.ShapeDtypeStruct(w.shape[:-2], jnp.float32)
     return jax.pure_callback(_eig_radius_host, shape, w, vmap_method="expand_dims")
+
+
+def spectral_radius(w: Array) -> Array:
+    """Largest absolute eigenvalue ``max_i |lambda_i(W)|`` of a square matrix (or many).
+
+    Computed in float64 by LAPACK's ``geev`` and returned as float32; it works inside
+    ``jit`` and ``vmap`` and is not differentiable. On CPU the eigenvalue routine is
+    part of the compiled program, which therefore stays cacheable by JAX's persistent
+    compilation cache (programs with host callbacks never are). Other backends have no
+    nonsymmetric eigensolver, so there the value comes from NumPy on the host through
+    ``jax.pure_callback``; both give the same number. A non-finite matrix gives NaN.
+    """
+    return jax.lax.platform_dependent(
+        w, cpu=_eig_radius_cpu, default=_eig_radius_callback
+    )
 
 
 def init_rnn(key: Array, n_in: int, n_hidden: int, n_out: int, init: str) -> dict:

@@ -9,6 +9,7 @@ import pytest
 
 from optimizers.base import loss_grads_and_states
 from tasks import make_task
+from tasks.rnn import _eig_radius_callback as spectral_radius_callback
 from tasks.rnn import init_rnn, rnn_apply, spectral_radius
 
 # Eager JAX compiles every primitive; jit whole functions to keep the tests fast.
@@ -233,6 +234,25 @@ def test_spectral_radius_jit_and_vmap():
     np.testing.assert_allclose(spectral_radius(jnp.asarray(mats[1])), ref[1], rtol=1e-6)
     rot = jnp.array([[0.0, -2.0], [2.0, 0.0]])
     np.testing.assert_allclose(jax.jit(spectral_radius)(rot), 2.0, rtol=1e-6)
+
+
+def test_spectral_radius_is_float64_lapack_without_a_host_callback():
+    # On CPU the eigensolver is compiled into the program: no host callback (which
+    # would keep the program out of JAX's persistent compilation cache), and the
+    # value is NumPy's float64 one rounded to float32, bit for bit, like the host path.
+    rng = np.random.default_rng(1)
+    mats = jnp.asarray(rng.normal(size=(4, 30, 30)).astype(np.float32))
+    hlo = jax.jit(jax.vmap(spectral_radius)).lower(mats).as_text()
+    assert "callback" not in hlo.lower()
+    ref = np.abs(np.linalg.eigvals(np.asarray(mats, np.float64))).max(axis=-1)
+    np.testing.assert_array_equal(
+        jax.jit(jax.vmap(spectral_radius))(mats), ref.astype(np.float32)
+    )
+    callback = jax.jit(jax.vmap(spectral_radius_callback))(mats)
+    np.testing.assert_array_equal(callback, ref.astype(np.float32))
+    broken = mats.at[0, 0, 0].set(jnp.nan)
+    radii = np.asarray(jax.jit(jax.vmap(spectral_radius))(broken))
+    assert np.isnan(radii[0]) and np.isfinite(radii[1:]).all()
 
 
 def _np_task_loss(task_name, params, batch, leak, act, offset):
