@@ -62,13 +62,20 @@ from jax.flatten_util import ravel_pytree
 from optimizers.base import Objective, StepRecord, WorkCount, gradient_equivalents
 from tasks.hparams import POSITIVE, Range
 
-with warnings.catch_warnings():
-    # jaxopt 0.8.5: "JAXopt is no longer maintained" (DeprecationWarning) on import.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import jaxopt
-    from jaxopt._src.levenberg_marquardt import LevenbergMarquardtState
-
 Array = jax.Array
+
+
+@functools.cache
+def _jaxopt() -> Any:
+    """The jaxopt module, imported on first use (it takes about a second to import,
+    which every ``curvbench`` command would otherwise pay)."""
+    with warnings.catch_warnings():
+        # jaxopt 0.8.5: "JAXopt is no longer maintained" (DeprecationWarning).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import jaxopt
+        import jaxopt._src.levenberg_marquardt
+    return jaxopt
+
 
 LineSearch = Literal["zoom", "backtracking", "hager-zhang"]
 LineSearchInit = Literal["increase", "max", "current"]
@@ -284,7 +291,7 @@ def lbfgs(
     """
 
     def make_solver(fun):
-        solver = jaxopt.LBFGS(
+        solver = _jaxopt().LBFGS(
             fun=fun, history_size=history_size, linesearch=linesearch,
             linesearch_init=linesearch_init, max_stepsize=1.0,
             min_stepsize=min_stepsize, increase_factor=increase_factor, maxls=maxls,
@@ -349,7 +356,7 @@ def nonlinear_cg(
     """
 
     def make_solver(fun):
-        solver = jaxopt.NonlinearCG(
+        solver = _jaxopt().NonlinearCG(
             fun=fun, method=method, linesearch=linesearch,
             linesearch_init=linesearch_init, max_stepsize=1.0,
             min_stepsize=min_stepsize, increase_factor=increase_factor, maxls=maxls,
@@ -498,7 +505,7 @@ def levenberg_marquardt(
     def init_fn(params):
         flat, _ = ravel_pytree(params)
         dtype = flat.dtype
-        inner = LevenbergMarquardtState(
+        inner = _jaxopt()._src.levenberg_marquardt.LevenbergMarquardtState(
             iter_num=jnp.zeros((), jnp.int32),
             damping_factor=jnp.asarray(damping, dtype),
             increase_factor=jnp.asarray(2.0, dtype),
@@ -548,7 +555,7 @@ def levenberg_marquardt(
             error=jnp.linalg.norm(gradient), jac=jac, jt=jt, jtj=jtj,
         )  # fmt: skip
         with _quiet():
-            lm = jaxopt.LevenbergMarquardt(
+            lm = _jaxopt().LevenbergMarquardt(
                 residual_fun=residual_fn,
                 solver="cholesky" if materialize else _fixed_cg(cg_iters, cg_tol),
                 materialize_jac=materialize,
