@@ -97,16 +97,76 @@ DENSE_TASKS = {
 
 
 def dense_setup(name):
-    """``(task, params, batch, v, n_params)``: perturbed params, a batch, a vector."""
+    """``(task, params, batch, v, n_params)``: perturbed params, a batch, a vector.
+
+    Built once per task and precision (float32 or float64, as enabled when called), so
+    that the tests share the task object and with it the compiled oracles below.
+    """
+    return _dense_setup(name, jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64)
+
+
+@functools.cache
+def _dense_setup(name, x64):
     task = DENSE_TASKS[name]()
-    params = task.init(jax.random.PRNGKey(0))
+    params = jax.jit(task.init)(jax.random.PRNGKey(0))
     # Larger weights than the init so that nonlinearities and curvature matter.
     flat, unravel = ravel_pytree(params)
     noise = jax.random.normal(jax.random.PRNGKey(1), flat.shape, flat.dtype)
     params = unravel(flat + 0.5 * noise)
-    batch = task.sample_batch(jax.random.PRNGKey(2))
+    batch = jax.jit(task.sample_batch)(jax.random.PRNGKey(2))
     v = unravel(jax.random.normal(jax.random.PRNGKey(3), flat.shape, flat.dtype))
     return task, params, batch, v, flat.shape[0]
+
+
+def init_params(task, key):
+    """``task.init(key)`` as one compiled program (once per task)."""
+    return _compiled_of(task, "init")(key)
+
+
+def sample(task, key, batch_size=None):
+    """``task.sample_batch(key, batch_size)`` as one compiled program per size."""
+    return _compiled_of(task, "sample_batch")(key, batch_size)
+
+
+@functools.cache
+def _compiled_of(task, method):
+    fn = getattr(task, method)
+    return jax.jit(fn) if method == "init" else jax.jit(fn, static_argnums=1)
+
+
+def dense_hessian(task, params, batch):
+    """The explicit Hessian of ``task.loss`` in the flattened parameters (autodiff)."""
+    return _dense_hessian_of(task)(params, batch)
+
+
+@functools.cache
+def _dense_hessian_of(task):
+    @jax.jit
+    def dense(params, batch):
+        flat, unravel = ravel_pytree(params)
+        return jax.hessian(lambda f: task.loss(unravel(f), batch))(flat)
+
+    return dense
+
+
+def jacobian(fn, flat):
+    """``d fn / d flat`` by forward mode, compiled (run op by op it is slow)."""
+    return jax.jit(jax.jacfwd(fn))(flat)
+
+
+def apply_operator(make_operator, task, params, batch, v, **kwargs):
+    """``make_operator(task, params, batch, **kwargs)(v)`` as one compiled program.
+
+    The code under test builds a linearization; eagerly, every operation in it would
+    compile on its own. Compiled once per operator, task and keyword arguments.
+    """
+    compiled = _operator_of(make_operator, task, tuple(sorted(kwargs.items())))
+    return compiled(params, batch, v)
+
+
+@functools.cache
+def _operator_of(make_operator, task, kwargs):
+    return jax.jit(lambda p, b, v: make_operator(task, p, b, **dict(kwargs))(v))
 
 
 def dense_gauss_newton(task, params, batch):

@@ -210,6 +210,7 @@ def test_console_script_lists(tmp_path):
     assert "unknown task 'x'" in proc.stderr
 
 
+@pytest.mark.slow  # builds all 96 runs of the seven shipped comparisons
 def test_shipped_experiments_are_valid():
     for file in sorted((ROOT / "experiments").glob("*.toml")):
         comparison = read_comparison(file)

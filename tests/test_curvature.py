@@ -10,8 +10,13 @@ from problems import (
     PerSequenceMean,
     UserTanhRNN,
     UserTanhRNNWithCurvature,
+    apply_operator,
     dense_gauss_newton,
+    dense_hessian,
     dense_setup,
+    init_params,
+    jacobian,
+    sample,
 )
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
@@ -28,10 +33,14 @@ from optimizers.curvature import (
 )
 
 
+def _curvature_operator(task, params, batch, kind, mu):
+    return curvature_operator(kind, task, params, batch, mu)
+
+
 def _dense_structural(task, params, batch):
     flat, unravel = ravel_pytree(params)
     states_of = lambda f: task.apply(unravel(f), batch.inputs)[1].ravel()  # noqa: E731
-    jac = jax.jacfwd(states_of)(flat)
+    jac = jacobian(states_of, flat)
     states = task.apply(params, batch.inputs)[1]
     n_steps, n_seq, _ = states.shape
     valid = (np.arange(n_steps)[:, None] < np.asarray(batch.lengths)[None, :]) / n_seq
@@ -53,7 +62,7 @@ def test_gauss_newton_product_equals_dense(name):
     with jax.enable_x64(True):
         task, params, batch, v, _ = dense_setup(name)
         dense = dense_gauss_newton(task, params, batch)
-        gv = gauss_newton_operator(task, params, batch)(v)
+        gv = apply_operator(gauss_newton_operator, task, params, batch, v)
         np.testing.assert_allclose(
             ravel_pytree(gv)[0], dense @ ravel_pytree(v)[0], rtol=1e-9, atol=1e-12
         )
@@ -65,9 +74,8 @@ def test_gauss_newton_product_equals_dense(name):
 def test_hessian_product_equals_jax_hessian(name):
     with jax.enable_x64(True):
         task, params, batch, v, _ = dense_setup(name)
-        flat, unravel = ravel_pytree(params)
-        dense = jax.hessian(lambda f: task.loss(unravel(f), batch))(flat)
-        hv = hessian_operator(task, params, batch)(v)
+        dense = dense_hessian(task, params, batch)
+        hv = apply_operator(hessian_operator, task, params, batch, v)
         np.testing.assert_allclose(
             ravel_pytree(hv)[0], dense @ ravel_pytree(v)[0], rtol=1e-8, atol=1e-11
         )
@@ -79,18 +87,21 @@ def test_structural_damping_equals_dense(name):
         task, params, batch, v, _ = dense_setup(name)
         vf = ravel_pytree(v)[0]
         s_dense = _dense_structural(task, params, batch)
-        sv = structural_operator(task, params, batch)(v)
+        sv = apply_operator(structural_operator, task, params, batch, v)
         np.testing.assert_allclose(ravel_pytree(sv)[0], s_dense @ vf, rtol=1e-9)
         # Combined with Gauss-Newton in one pass, and added to the Hessian.
         g_dense = dense_gauss_newton(task, params, batch)
         mu = 0.3
-        combined = gauss_newton_operator(task, params, batch, structural=mu)(v)
+        combined = apply_operator(
+            gauss_newton_operator, task, params, batch, v, structural=mu
+        )
         np.testing.assert_allclose(
             ravel_pytree(combined)[0], (g_dense + mu * s_dense) @ vf, rtol=1e-9
         )
-        flat, unravel = ravel_pytree(params)
-        h_dense = jax.hessian(lambda f: task.loss(unravel(f), batch))(flat)
-        hs = curvature_operator("hessian", task, params, batch, mu)(v)
+        h_dense = dense_hessian(task, params, batch)
+        hs = apply_operator(
+            _curvature_operator, task, params, batch, v, kind="hessian", mu=mu
+        )
         np.testing.assert_allclose(
             ravel_pytree(hs)[0], (h_dense + mu * s_dense) @ vf, rtol=1e-8
         )
@@ -103,8 +114,8 @@ def test_gauss_newton_equals_hessian_for_linear_outputs():
         task, params, batch, v, _ = dense_setup("squared_error")
         params = {**params, "W_rec": params["W_rec"] * 0, "W_in": params["W_in"] * 0}
         only_out = {k: (x if k in ("W_out", "b_out") else x * 0) for k, x in v.items()}
-        gv = gauss_newton_operator(task, params, batch)(only_out)
-        hv = hessian_operator(task, params, batch)(only_out)
+        gv = apply_operator(gauss_newton_operator, task, params, batch, only_out)
+        hv = apply_operator(hessian_operator, task, params, batch, only_out)
         for k in ("W_out", "b_out"):
             np.testing.assert_allclose(gv[k], hv[k], rtol=1e-10, atol=1e-14)
 
@@ -115,11 +126,11 @@ def test_gauss_newton_equals_hessian_for_linear_outputs():
 
 def _user_setup(task):
     params = jax.tree.map(
-        lambda p: p.astype(jnp.float64), task.init(jax.random.PRNGKey(0))
+        lambda p: p.astype(jnp.float64), init_params(task, jax.random.PRNGKey(0))
     )
     batch = jax.tree.map(
         lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x,
-        task.sample_batch(jax.random.PRNGKey(1)),
+        sample(task, jax.random.PRNGKey(1)),
     )
     flat, unravel = ravel_pytree(params)
     v = unravel(jax.random.normal(jax.random.PRNGKey(2), flat.shape, flat.dtype))
@@ -133,7 +144,7 @@ def test_user_task_structural_damping_uses_its_state_curvature():
         flat, unravel = ravel_pytree(params)
         vf = ravel_pytree(v)[0]
         states_of = lambda f: task.apply(unravel(f), batch.inputs)[1].ravel()  # noqa: E731
-        jac = jax.jacfwd(states_of)(flat)
+        jac = jacobian(states_of, flat)
         states = task.apply(params, batch.inputs)[1]
         # Reference: the matching loss of tanh units is sum log cosh(x) (its gradient
         # is tanh), weighted by 1 / n_sequences on the valid steps; D is its dense
@@ -145,16 +156,18 @@ def test_user_task_structural_damping_uses_its_state_curvature():
         def matching(x):
             return jnp.sum(weight * jnp.log(jnp.cosh(x)))
 
-        d_dense = jax.hessian(matching)(states.ravel())
+        d_dense = jax.jit(jax.hessian(matching))(states.ravel())
         s_dense = jac.T @ d_dense @ jac
-        sv = structural_operator(task, params, batch)(v)
+        sv = apply_operator(structural_operator, task, params, batch, v)
         np.testing.assert_allclose(ravel_pytree(sv)[0], s_dense @ vf, rtol=1e-9)
         # The identity (the old silent fallback) is a different matrix here.
         s_identity = jac.T @ (weight[:, None] * jac)
         assert not np.allclose(s_identity @ vf, s_dense @ vf, rtol=0.05)
         mu = 0.3
         g_dense = dense_gauss_newton(task, params, batch)
-        combined = gauss_newton_operator(task, params, batch, structural=mu)(v)
+        combined = apply_operator(
+            gauss_newton_operator, task, params, batch, v, structural=mu
+        )
         np.testing.assert_allclose(
             ravel_pytree(combined)[0], (g_dense + mu * s_dense) @ vf, rtol=1e-9
         )
@@ -162,8 +175,8 @@ def test_user_task_structural_damping_uses_its_state_curvature():
 
 def test_structural_damping_without_state_curvature_is_an_error():
     task = UserTanhRNN()
-    params = task.init(jax.random.PRNGKey(0))
-    batch = task.sample_batch(jax.random.PRNGKey(1))
+    params = init_params(task, jax.random.PRNGKey(0))
+    batch = sample(task, jax.random.PRNGKey(1))
     with pytest.raises(NotImplementedError, match="state_curvature"):
         structural_operator(task, params, batch)
     with pytest.raises(NotImplementedError, match="structural damping"):
@@ -172,17 +185,21 @@ def test_structural_damping_without_state_curvature_is_an_error():
         curvature_operator("hessian", task, params, batch, 0.1)
     # Without structural damping the task is fine.
     v = jax.tree.map(jnp.ones_like, params)
-    assert np.isfinite(
-        ravel_pytree(gauss_newton_operator(task, params, batch)(v))[0]
-    ).all()
+    gv = apply_operator(gauss_newton_operator, task, params, batch, v)
+    assert np.isfinite(ravel_pytree(gv)[0]).all()
     # ... and Hessian-free asks for it only when structural damping is on.
-    loss, grads, states, sgrads = loss_grads_and_states(task, params, batch)
+    loss, grads, states, sgrads = jax.jit(loss_grads_and_states, static_argnums=0)(
+        task, params, batch
+    )
     objective = Objective(task, batch, batch, loss, grads, states, sgrads)
-    hf = make_optimizer("hf", structural=0.03, max_cg_iters=3)
+
+    def update(opt):  # compiled: eagerly, every operation of HF would compile alone
+        step = jax.jit(lambda g, s, p: opt.update(g, s, p, objective=objective))
+        return step(grads, opt.init(params), params)
+
     with pytest.raises(NotImplementedError, match="state_curvature"):
-        hf.update(grads, hf.init(params), params, objective=objective)
-    plain = make_optimizer("hf", max_cg_iters=3)
-    updates, _ = plain.update(grads, plain.init(params), params, objective=objective)
+        update(make_optimizer("hf", structural=0.03, max_cg_iters=3))
+    updates, _ = update(make_optimizer("hf", max_cg_iters=3))
     assert np.isfinite(np.asarray(updates["W_rec"])).all()
 
 
@@ -198,9 +215,9 @@ def test_overridden_loss_weights_reach_the_loss_and_every_curvature_product():
         np.testing.assert_allclose(task.loss(params, batch), (w * per_step).sum())
         # Gauss-Newton in closed form: squared error has H_L = 2 w_t I per step.
         outputs_of = lambda f: task.apply(unravel(f), batch.inputs)[0].ravel()  # noqa: E731
-        jac = np.asarray(jax.jacfwd(outputs_of)(flat))
+        jac = np.asarray(jacobian(outputs_of, flat))
         g_dense = jac.T @ (2 * np.repeat(w.ravel(), outputs.shape[-1])[:, None] * jac)
-        gv = gauss_newton_operator(task, params, batch)(v)
+        gv = apply_operator(gauss_newton_operator, task, params, batch, v)
         np.testing.assert_allclose(
             ravel_pytree(gv)[0], g_dense @ ravel_pytree(v)[0], rtol=1e-9
         )
@@ -312,8 +329,7 @@ def test_top_eigenpairs_converge_fast_on_separated_top():
 def test_top_eigenpairs_of_pytree_hessian(name):
     with jax.enable_x64(True):
         task, params, batch, _, n = dense_setup(name)
-        flat, unravel = ravel_pytree(params)
-        dense = jax.jit(jax.hessian(lambda f: task.loss(unravel(f), batch)))(flat)
+        dense = dense_hessian(task, params, batch)
         values, vectors = np.linalg.eigh(np.asarray(dense))
         # Linearized inside jit, as the analysis does (eager linearization is slow).
         top = jax.jit(

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from problems import DiagonalQuadratic, dense_gauss_newton, dense_setup
+from problems import (
+    DiagonalQuadratic,
+    dense_gauss_newton,
+    dense_hessian,
+    dense_setup,
+)
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
 from optimizers.curvature import (
@@ -26,34 +31,41 @@ def test_exact_gauss_newton_diagonal_equals_dense(name):
     with jax.enable_x64(True):
         task, params, batch, _, _ = dense_setup(name)
         dense = np.diag(dense_gauss_newton(task, params, batch))
-        exact = ravel_pytree(gauss_newton_diagonal_exact(task, params, batch))[0]
+        exact = jax.jit(gauss_newton_diagonal_exact, static_argnums=0)(
+            task, params, batch
+        )
+        exact = ravel_pytree(exact)[0]
         np.testing.assert_allclose(exact, dense, rtol=1e-9, atol=1e-14)
 
 
 def _samples(fn, n):
-    return np.stack(
-        [ravel_pytree(fn(k))[0] for k in jax.random.split(jax.random.PRNGKey(9), n)]
-    )
+    """``n`` independent draws of ``fn(key)``, flattened: one compiled, vmapped call."""
+    keys = jax.random.split(jax.random.PRNGKey(9), n)
+    return np.asarray(jax.jit(jax.vmap(lambda k: ravel_pytree(fn(k))[0]))(keys))
 
 
 @pytest.mark.parametrize("estimator", ["sampled_gn", "hutchinson_gn", "hutchinson_h"])
 def test_stochastic_estimators_are_unbiased(estimator):
     with jax.enable_x64(True):
         task, params, batch, _, _ = dense_setup("softmax")
-        flat, unravel = ravel_pytree(params)
         if estimator == "hutchinson_h":
-            dense = np.diag(jax.hessian(lambda f: task.loss(unravel(f), batch))(flat))
-            op = hessian_operator(task, params, batch)
-            one = jax.jit(lambda k: hutchinson_diagonal(op, k, params))
+            dense = np.diag(dense_hessian(task, params, batch))
+
+            def one(k):
+                op = hessian_operator(task, params, batch)
+                return hutchinson_diagonal(op, k, params)
         elif estimator == "hutchinson_gn":
             dense = np.diag(dense_gauss_newton(task, params, batch))
-            op = gauss_newton_operator(task, params, batch)
-            one = jax.jit(lambda k: hutchinson_diagonal(op, k, params))
+
+            def one(k):
+                op = gauss_newton_operator(task, params, batch)
+                return hutchinson_diagonal(op, k, params)
         else:
             dense = np.diag(dense_gauss_newton(task, params, batch))
-            one = jax.jit(
-                lambda k: gauss_newton_diagonal_sampled(task, params, batch, k)
-            )
+
+            def one(k):
+                return gauss_newton_diagonal_sampled(task, params, batch, k)
+
         draws = _samples(one, 3000)
         mean = draws.mean(axis=0)
         stderr = draws.std(axis=0) / np.sqrt(len(draws))
@@ -119,14 +131,16 @@ def test_every_k_and_ema_do_what_they_say():
     params = task.init(None)
     batch = task.sample_batch(None)
     state = inner.init(params)
-    estimated, curvatures = [], []
-    for t in range(7):
+
+    @jax.jit
+    def update(state, key, t):
         loss, grads, states, sg = loss_grads_and_states(task, params, batch)
         objective = Objective(task, batch, batch, loss, grads, states, sg)
-        key = jax.random.PRNGKey(t)
-        _, state = inner.update(
-            grads, state, params, objective=objective, key=key, step=t
-        )
+        return inner.update(grads, state, params, objective=objective, key=key, step=t)
+
+    estimated, curvatures = [], []
+    for t in range(7):
+        _, state = update(state, jax.random.PRNGKey(t), jnp.int32(t))
         estimated.append(bool(state.record.values["estimated"]))
         curvatures.append(np.asarray(state.curvature["x"]))
     assert estimated == [True, False, False, True, False, False, True]

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from problems import LinearRegression
+from problems import LinearRegression, init_params, sample
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
 from optimizers.hessian_free import (
@@ -24,6 +24,11 @@ def _objective(task, params, batch, curvature_batch=None, sampler=None):
         size = curv.inputs.shape[1]
         sampler = lambda k: task.sample_batch(k, size)  # noqa: E731
     return grads, Objective(task, batch, curv, loss, grads, states, sgrads, sampler)
+
+
+def _setup(task):
+    """Initial parameters (key 0) and a batch (key 1), each one compiled program."""
+    return init_params(task, jax.random.PRNGKey(0)), sample(task, jax.random.PRNGKey(1))
 
 
 def _jitted_update(task, opt):
@@ -85,12 +90,11 @@ def test_cg_backtracking_walks_back_while_decreasing():
 
 def test_hf_solves_linear_least_squares_in_one_update():
     task = LinearRegression()
-    params = task.init(jax.random.PRNGKey(0))
-    batch = task.sample_batch(jax.random.PRNGKey(1))
+    params, batch = _setup(task)
     opt = make_optimizer("hf", damping=1e-4, max_cg_iters=50, cg_tol=1e-8)
     state = opt.init(params)
-    grads, objective = _objective(task, params, batch)
-    updates, state = opt.update(grads, state, params, objective=objective, key=None)
+    update = _jitted_update(task, opt)
+    updates, state = update(params, state, batch, batch, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda p, u: p + u, params, updates)
     # Least-squares reference from numpy.
     x = np.asarray(batch.inputs[0])
@@ -108,15 +112,13 @@ def test_hf_solves_linear_least_squares_in_one_update():
 
 def test_hf_with_exact_hessian_on_a_convex_problem():
     task = LinearRegression()
-    params = task.init(jax.random.PRNGKey(0))
-    batch = task.sample_batch(jax.random.PRNGKey(1))
+    params, batch = _setup(task)
     opt = make_optimizer("hf", damping=1e-3, curvature="hessian", cg_tol=1e-8)
     state = opt.init(params)
-    loss0 = None
-    for _ in range(3):
-        grads, objective = _objective(task, params, batch)
-        loss0 = loss0 if loss0 is not None else float(objective.loss)
-        updates, state = opt.update(grads, state, params, objective=objective)
+    update = _jitted_update(task, opt)
+    loss0 = float(task.loss(params, batch))
+    for step in range(3):
+        updates, state = update(params, state, batch, batch, jax.random.PRNGKey(step))
         params = jax.tree.map(lambda p, u: p + u, params, updates)
     final = float(task.loss(params, batch))
     assert final < 0.05 * loss0
@@ -125,13 +127,12 @@ def test_hf_with_exact_hessian_on_a_convex_problem():
 
 def test_curvature_comes_from_the_curvature_batch():
     task = make_task("addition", length=10, hidden=6, batch_size=16)
-    params = task.init(jax.random.PRNGKey(0))
-    batch = task.sample_batch(jax.random.PRNGKey(1))
+    params, batch = _setup(task)
     opt = make_optimizer("hf", damping=1.0, max_cg_iters=20)
     update = _jitted_update(task, opt)
     outs = []
     for seed in (2, 3):
-        curv = task.sample_batch(jax.random.PRNGKey(seed), 8)
+        curv = sample(task, jax.random.PRNGKey(seed), 8)
         key = jax.random.PRNGKey(0)
         updates, _ = update(params, opt.init(params), batch, curv, key)
         outs.append(np.asarray(updates["W_rec"]))
@@ -140,13 +141,13 @@ def test_curvature_comes_from_the_curvature_batch():
 
 def test_reuse_curvature_redraws_every_k_updates():
     task = make_task("addition", length=10, hidden=4, batch_size=8)
-    params = task.init(jax.random.PRNGKey(0))
+    params, _ = _setup(task)
     opt = make_optimizer("hf", reuse_curvature=3, max_cg_iters=5)
     update = _jitted_update(task, opt)
     state = opt.init(params)
     keys = []
     for step in range(7):
-        batch = task.sample_batch(jax.random.PRNGKey(100 + step))
+        batch = sample(task, jax.random.PRNGKey(100 + step))
         _, state = update(params, state, batch, batch, jax.random.PRNGKey(step))
         keys.append(tuple(np.asarray(state.curvature_key)))
     assert keys[0] == keys[1] == keys[2] != keys[3]
@@ -198,16 +199,16 @@ def test_reuse_curvature_draws_its_batch_through_the_objective():
 
 def test_reuse_curvature_needs_a_curvature_sampler():
     task = make_task("addition", length=10, hidden=4, batch_size=8)
-    params = task.init(jax.random.PRNGKey(0))
-    batch = task.sample_batch(jax.random.PRNGKey(1))
-    loss, grads, states, sgrads = loss_grads_and_states(task, params, batch)
-    objective = Objective(task, batch, batch, loss, grads, states, sgrads)
+    params, batch = _setup(task)
     opt = make_optimizer("hf", reuse_curvature=2, max_cg_iters=3)
+
+    def update(params, key):  # traced only: the error comes before any computation
+        loss, grads, states, sgrads = loss_grads_and_states(task, params, batch)
+        objective = Objective(task, batch, batch, loss, grads, states, sgrads)
+        return opt.update(grads, opt.init(params), params, objective=objective, key=key)
+
     with pytest.raises(ValueError, match="sample_curvature"):
-        opt.update(
-            grads, opt.init(params), params, objective=objective,
-            key=jax.random.PRNGKey(0),
-        )  # fmt: skip
+        jax.eval_shape(update, params, jax.random.PRNGKey(0))
 
 
 @pytest.mark.slow

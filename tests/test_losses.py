@@ -219,11 +219,13 @@ def test_loss_weights_are_mask_over_its_total():
 def test_task_loss_uses_its_loss_weights():
     # The Task method is the one owner: its default is the function above, and the
     # loss is sum_t w_t l_t with those weights (checked by hand, all-zero mask too).
+    from problems import init_params, sample
+
     from tasks import make_task
 
     task = make_task("memorization", length=3, n_pos=2, hidden=4, batch_size=3)
-    params = task.init(jax.random.PRNGKey(0))
-    batch = task.sample_batch(jax.random.PRNGKey(1))
+    params = init_params(task, jax.random.PRNGKey(0))
+    batch = sample(task, jax.random.PRNGKey(1))
     mask = np.asarray(batch.mask)
     np.testing.assert_allclose(task.loss_weights(batch), mask / mask.sum(), rtol=1e-7)
     outputs = task.apply(params, batch.inputs)[0]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from problems import dense_gauss_newton, dense_setup
+from problems import dense_gauss_newton, dense_hessian, dense_setup
 
 from analysis import results as store
 from analysis.probes import (
@@ -29,8 +29,8 @@ def test_probe_matches_dense_hessian_and_gauss_newton(name):
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
         flat, unravel = ravel_pytree(params)
         loss = lambda f: task.loss(unravel(f), batch)  # noqa: E731
-        g = np.asarray(jax.grad(loss)(flat))
-        hess = np.asarray(jax.jit(jax.hessian(loss))(flat))
+        g = np.asarray(jax.jit(jax.grad(loss))(flat))
+        hess = np.asarray(dense_hessian(task, params, batch))
         gn = np.asarray(dense_gauss_newton(task, params, batch))
         u = g / np.linalg.norm(g)
         k = 2
@@ -66,15 +66,15 @@ def test_probe_matches_dense_hessian_and_gauss_newton(name):
 
 def test_probe_vmaps_and_keys_are_deterministic():
     task, params, batch, _, _ = dense_setup("softmax")
-    fn = make_probe(task, ProbeConfig(lanczos_iters=6))
+    config = ProbeConfig(lanczos_iters=6)
+    fn = make_probe(task, config)
     a = fn(params, batch, jax.random.PRNGKey(3))
     b = fn(params, batch, jax.random.PRNGKey(3))
     for key in (*SCALARS, *VECTORS):
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
     stacked = jax.tree.map(lambda p: jnp.stack([p, 2 * p]), params)
-    many = jax.jit(jax.vmap(lambda p: probe(task, p, batch, jax.random.PRNGKey(3))))(
-        stacked
-    )
+    one = lambda p: probe(task, p, batch, jax.random.PRNGKey(3), config)  # noqa: E731
+    many = jax.jit(jax.vmap(one))(stacked)
     np.testing.assert_allclose(many["grad_norm"][0], a["grad_norm"], rtol=1e-5)
     assert many["top_eigenvalues"].shape == (2, task.n_out)
 
@@ -120,14 +120,14 @@ def test_probe_top_k_defaults_to_the_tasks_three_classes(cls):
         task = cls()
         assert task.n_out == 3 and default_top_k(task) == 3
         params = jax.tree.map(
-            lambda p: p.astype(jnp.float64), task.init(jax.random.PRNGKey(0))
+            lambda p: p.astype(jnp.float64), jax.jit(task.init)(jax.random.PRNGKey(0))
         )
-        batch = task.sample_batch(jax.random.PRNGKey(1))
+        batch = jax.jit(task.sample_batch)(jax.random.PRNGKey(1))
         batch = batch._replace(inputs=batch.inputs.astype(jnp.float64))
         flat, unravel = ravel_pytree(params)
         loss = lambda f: task.loss(unravel(f), batch)  # noqa: E731
-        g = np.asarray(jax.grad(loss)(flat))
-        vals, vecs = np.linalg.eigh(np.asarray(jax.hessian(loss)(flat)))
+        g = np.asarray(jax.jit(jax.grad(loss))(flat))
+        vals, vecs = np.linalg.eigh(np.asarray(dense_hessian(task, params, batch)))
         top = vecs[:, ::-1][:, :3]  # Gur-Ari et al.'s top eigenspace, k = 3 classes
         config = ProbeConfig(lanczos_iters=flat.shape[0])  # top_k: the task's n_out
         out = make_probe(task, config)(params, batch, jax.random.PRNGKey(0))
