@@ -10,7 +10,13 @@ import pytest
 from optimizers.base import loss_grads_and_states
 from tasks import make_task
 from tasks.rnn import _eig_radius_callback as spectral_radius_callback
-from tasks.rnn import init_rnn, rnn_apply, spectral_radius
+from tasks.rnn import (
+    init_rnn,
+    rnn_apply,
+    rnn_states,
+    rnn_states_scan,
+    spectral_radius,
+)
 
 # Eager JAX compiles every primitive; jit whole functions to keep the tests fast.
 jit_init = jax.jit(init_rnn, static_argnums=(1, 2, 3, 4))
@@ -306,3 +312,53 @@ def test_state_gradient_is_dE_dx(x64, task_name, kwargs, leak):
 
     # The parameter gradients come with it (shapes of the parameters).
     assert jax.tree.structure(grads) == jax.tree.structure(jparams)
+
+
+@pytest.mark.parametrize(
+    "act, leak",
+    [(jnp.tanh, 0.0), (jax.nn.sigmoid, 0.0), (jnp.tanh, 0.4), (jax.nn.sigmoid, 0.7)],
+)
+def test_custom_rule_recurrence_equals_the_plain_scan(x64, act, leak):
+    # rnn_states (weight tangent outside the time loop) against rnn_states_scan
+    # (JAX's own derivatives of the plain scan): value, forward and reverse mode,
+    # both orders of second derivatives, and vmap, with a state offset.
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    n_steps, batch, hidden = 6, 3, 4
+    args = {
+        "w": jax.random.normal(keys[0], (hidden, hidden)),
+        "drive": jax.random.normal(keys[1], (n_steps, batch, hidden)),
+        "offset": 0.3 * jax.random.normal(keys[2], (n_steps, batch, hidden)),
+    }
+    weights = jax.random.normal(keys[3], (n_steps, batch, hidden))
+    tangent = jax.tree.map(lambda x: jax.random.normal(keys[4], x.shape), args)
+
+    def states_of(fn):
+        return lambda a: fn(act, leak, a["w"], a["drive"], a["offset"])
+
+    def loss_of(fn):  # a nonlinear function of every state
+        return lambda a: jnp.sum(jnp.sin(states_of(fn)(a)) * weights)
+
+    fast, plain = states_of(rnn_states), states_of(rnn_states_scan)
+    lf, lp = loss_of(rnn_states), loss_of(rnn_states_scan)
+
+    def close(a, b):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-12)
+
+    close(jax.jit(fast)(args), plain(args))
+    _, linear = jax.linearize(fast, args)
+    close(linear(tangent), jax.jvp(plain, (args,), (tangent,))[1])
+    cotangent = jax.random.normal(keys[0], (n_steps, batch, hidden))
+    close(jax.vjp(fast, args)[1](cotangent), jax.vjp(plain, args)[1](cotangent))
+    hvp_plain = jax.jvp(jax.grad(lp), (args,), (tangent,))[1]
+    close(
+        jax.jit(lambda a: jax.jvp(jax.grad(lf), (a,), (tangent,))[1])(args), hvp_plain
+    )
+
+    def directional(a):  # reverse over reverse: d/da <grad L(a), tangent>
+        pairs = zip(jax.grad(lf)(a).values(), tangent.values(), strict=True)
+        return sum(jnp.vdot(g, t) for g, t in pairs)
+
+    close(jax.grad(directional)(args), hvp_plain)
+    stacked = jax.tree.map(lambda x: jnp.stack([x, 0.5 * x]), args)
+    close(jax.vmap(jax.grad(lf))(stacked), jax.vmap(jax.grad(lp))(stacked))
