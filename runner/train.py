@@ -219,9 +219,19 @@ def _chunk_one(
     # every k steps) stay real branches under the seed vmap.
     steps = first_step + jnp.arange(s.chunk_steps, dtype=jnp.int32)
 
-    def body(carry, t):
+    def run_step(carry, t):
         state, events, trace = _train_step(s, *carry, hparams, step_limit, t)
         return (state, events), trace
+
+    def skip_step(carry, t):  # past the run's last step: no work, a dead trace row
+        trace = jax.eval_shape(run_step, carry, t)[1]
+        return carry, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), trace)
+
+    def body(carry, t):
+        # t and step_limit are shared by all seeds, so under the seed vmap this stays
+        # a branch: the last chunk of a run whose length is not a multiple of
+        # eval_every costs only its remaining steps.
+        return jax.lax.cond(t < step_limit, run_step, skip_step, carry, t)
 
     (state, events), trace = jax.lax.scan(
         body, (state, _empty_events(state.params, s.event_slots)), steps

@@ -2,13 +2,17 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pandas as pd
 import pytest
 
 from analysis import results as store
-from runner.run import load_result, run
+from runner.config import run_config
+from runner.run import compile_program, load_result, run
+from runner.train import seed_keys
 from tasks import ConfigError
 
 TINY = {"length": 10, "hidden": 6, "batch_size": 8}
@@ -148,6 +152,31 @@ def test_step_limit_not_multiple_of_chunk():
     result = _tiny_run(steps=50, eval_every=20)
     assert result.records.step.max() == 50  # three chunks, the last one partial
     assert (result.summary.updates == 50).all()
+
+
+@pytest.mark.slow
+def test_steps_past_the_limit_are_skipped_not_masked():
+    # A 7-step run in chunks of 20: the chunk runs 7 steps, not 20 masked ones. Each
+    # step advances a seed's key by one split, so the key after the chunk tells how
+    # many steps really ran.
+    config = run_config(
+        "addition", "sgd_clip", task_hparams=TINY, seeds=2, steps=7, eval_every=20
+    )
+    train_keys, eval_keys = seed_keys([0, 1])
+    hparams = {k: jnp.float32(v) for k, v in config.optimizer.traced.items()}
+    program = compile_program(config, train_keys, hparams)
+    state = program.init(train_keys, hparams)
+    start = np.asarray(state.key)
+    state, summary, trace, _ = program.chunk(
+        state, hparams, eval_keys, jnp.int32(7), jnp.int32(0)
+    )
+    assert (np.asarray(state.t) == 7).all() and (np.asarray(state.updates) == 7).all()
+    expected = jnp.asarray(start)
+    for _ in range(7):
+        expected = jax.vmap(lambda k: jax.random.split(k, 4)[0])(expected)
+    np.testing.assert_array_equal(np.asarray(state.key), np.asarray(expected))
+    assert np.asarray(trace["live"]).sum(axis=1).tolist() == [7, 7]
+    assert (np.asarray(summary["steps_live"]) == 7).all()
 
 
 @pytest.mark.slow
