@@ -110,8 +110,8 @@ def torch_contestants(hidden: int, n_in: int, inputs, targets) -> dict:
         return {}
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    x = torch.as_tensor(np.asarray(inputs))
-    y = torch.as_tensor(np.asarray(targets))
+    x = torch.tensor(np.array(inputs))
+    y = torch.tensor(np.array(targets))
 
     def build():
         rnn = torch.nn.RNN(n_in, hidden, nonlinearity="tanh")
@@ -172,7 +172,7 @@ def torch_runner(step) -> Callable:
     def run(n):
         for _ in range(n):
             loss = step()
-        float(loss)
+        float(loss.detach())
 
     return run
 
@@ -189,9 +189,9 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, one thread")
     print(
         "| hidden | contestant | steps/s median (min-max) | vs scan | vs torch eager "
-        "| G v / gradient | H v / gradient |"
+        "| gradient ms | G v / gradient | H v / gradient |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for hidden in (50, 100):
         task = make_task(
             "addition", length=LENGTH, hidden=hidden, batch_size=BATCH,
@@ -211,7 +211,7 @@ def main() -> None:
         for name, variant in variants.items():
             t_grad = _best(jax.jit(jax.grad(variant.loss)), params, batch)
             n = 10 if args.quick else 30
-            costs[name] = [
+            costs[name] = [t_grad * 1e3] + [
                 product_seconds(variant, params, batch, op, n) / t_grad
                 for op in (gauss_newton_operator, hessian_operator)
             ]
@@ -219,10 +219,10 @@ def main() -> None:
         eager = statistics.median(rates.get("torch eager", [float("nan")]))
         for name, values in rates.items():
             median = statistics.median(values)
-            gv, hv = [f"{c:.2f}" for c in costs.get(name, [])] or ["--", "--"]
+            cost = [f"{c:.2f}" for c in costs.get(name, [])] or ["--"] * 3
             print(
                 f"| {hidden} | {name} | {_spread(values)} | {median / scan:.2f}x "
-                f"| {median / eager:.2f}x | {gv} | {hv} |",
+                f"| {median / eager:.2f}x | {' | '.join(cost)} |",
                 flush=True,
             )
 
