@@ -24,13 +24,15 @@ from optimizers.curvature import gauss_newton_operator
 from tasks import make_task
 
 
-def product_cost(task, params, batch, n_products: int) -> tuple[float, float]:
-    """(seconds per gradient, marginal seconds per G v product)."""
+def product_cost(
+    task, params, batch, n_products: int, operator=gauss_newton_operator
+) -> tuple[float, float]:
+    """(seconds per gradient, marginal seconds per product of ``operator``)."""
     grad = jax.jit(jax.grad(task.loss))
     t_grad = best_time(grad, params, batch, repeats=10)
 
     def products(params, v, n):
-        matvec = gauss_newton_operator(task, params, batch)
+        matvec = operator(task, params, batch)
         return jax.lax.fori_loop(0, n, lambda _, w: otu.tree_scale(1e-3, matvec(w)), v)
 
     run_n = jax.jit(products, static_argnums=2)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import optax.tree_utils as otu
+from bench_hf import product_cost
 
 from optimizers.curvature import gauss_newton_operator, hessian_operator
 from tasks import make_task
@@ -78,28 +78,6 @@ def jax_step(task) -> Callable:
         return optax.apply_updates(params, updates), state
 
     return step, opt.init
-
-
-def product_seconds(task, params, batch, operator, n: int) -> float:
-    """Marginal seconds of one product with the linearization built once."""
-
-    def products(params, v, n):
-        matvec = operator(task, params, batch)
-        return jax.lax.fori_loop(0, n, lambda _, w: otu.tree_scale(1e-3, matvec(w)), v)
-
-    run = jax.jit(products, static_argnums=2)
-    v = jax.tree.map(jnp.ones_like, params)
-    return (_best(run, params, v, n) - _best(run, params, v, 0)) / n
-
-
-def _best(fn, *args, repeats: int = 7) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def torch_contestants(hidden: int, n_in: int, inputs, targets) -> dict:
@@ -209,12 +187,13 @@ def main() -> None:
         rates = steps_per_second(contestants, steps, rounds)
         costs = {}
         for name, variant in variants.items():
-            t_grad = _best(jax.jit(jax.grad(variant.loss)), params, batch)
             n = 10 if args.quick else 30
-            costs[name] = [t_grad * 1e3] + [
-                product_seconds(variant, params, batch, op, n) / t_grad
+            timed = [
+                product_cost(variant, params, batch, n, op)
                 for op in (gauss_newton_operator, hessian_operator)
             ]
+            t_grad = min(t for t, _ in timed)
+            costs[name] = [t_grad * 1e3] + [t / t_grad for _, t in timed]
         scan = statistics.median(rates["scan"])
         eager = statistics.median(rates.get("torch eager", [float("nan")]))
         for name, values in rates.items():
