@@ -6,7 +6,9 @@ the order rotated; the median over rounds is reported with the min-max spread):
 * ``scan``: the states by a plain ``lax.scan`` (:func:`tasks.rnn.rnn_states_scan`),
   differentiated by JAX's own rules: what the toolkit did before;
 * ``custom rule``: :func:`tasks.rnn.rnn_states`, whose forward-mode rule moves the
-  weight tangent out of the time loop (what the tasks use);
+  weight tangent out of the time loop, with the output layer at every step;
+* ``custom, scored``: the same, with the output layer only at the step the loss scores
+  (:meth:`tasks.base.Task.apply_scored`): what the tasks use;
 * ``torch eager`` and ``torch compiled``: ``torch.nn.RNN`` (tanh) and a linear
   read-out of the last state, the same sizes, when PyTorch is installed (it is not a
   dependency: ``pip install torch`` to include it).
@@ -32,6 +34,7 @@ os.environ["XLA_FLAGS"] = (
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -43,15 +46,29 @@ import optax
 from bench_hf import product_cost
 
 from optimizers.curvature import gauss_newton_operator, hessian_operator
-from tasks import make_task
+from tasks import Task, make_task
 from tasks.rnn import rnn_states_scan
 
 LENGTH, BATCH, LEARNING_RATE, THRESHOLD = 100, 20, 0.01, 1.0
 
 
+def every_step_task(task, apply=None):
+    """A copy of ``task`` that reads out every step (and with ``apply``'s states).
+
+    The loss then goes through :meth:`tasks.base.Task.apply_scored`'s default: all
+    ``T`` outputs from ``apply``, of which the loss keeps the last. This is what the
+    toolkit did before tasks declared the steps they score.
+    """
+    variant = copy.copy(task)
+    variant.last_step_only = False
+    if apply is not None:
+        variant.apply = apply
+    variant.apply_scored = functools.partial(Task.apply_scored, variant)
+    return variant
+
+
 def plain_scan_task(task):
-    """A copy of ``task`` whose states come from the plain scan."""
-    plain = copy.copy(task)
+    """A copy of ``task`` whose states come from the plain scan, read out everywhere."""
 
     def apply(params, inputs, state_offset=None):
         if state_offset is None:
@@ -63,8 +80,7 @@ def plain_scan_task(task):
         outputs = task.activation(states) @ params["W_out"] + params["b_out"]
         return outputs, states
 
-    plain.apply = apply
-    return plain
+    return every_step_task(task, apply)
 
 
 def jax_step(task) -> Callable:
@@ -177,7 +193,11 @@ def main() -> None:
         )  # fmt: skip
         params = task.init(jax.random.PRNGKey(0))
         batch = task.sample_batch(jax.random.PRNGKey(1))
-        variants = {"scan": plain_scan_task(task), "custom rule": task}
+        variants = {
+            "scan": plain_scan_task(task),
+            "custom rule": every_step_task(task),
+            "custom, scored": task,
+        }
         contestants = {n: jax_runner(t, params, batch) for n, t in variants.items()}
         last = np.asarray(batch.lengths)[0] - 1  # addition: one length per batch
         torch_steps = torch_contestants(

@@ -95,12 +95,13 @@ def loss_grads_and_states(task: Task, params, batch: Batch):
     The zero ``state_offset`` added to every state makes its gradient equal ``dE/dx_t``
     (Pascanu et al. 2013, the ``dE/dx_{k+1}`` of the regularizer Omega).
     """
-    _, states0 = jax.eval_shape(task.apply, params, batch.inputs)
+    _, states0 = jax.eval_shape(task.apply_scored, params, batch)
     offset = jnp.zeros(states0.shape, states0.dtype)
+    scored = task.scored_batch(batch)
 
     def objective(p, off):
-        outputs, states = task.apply(p, batch.inputs, off)
-        return task.loss_from_outputs(outputs, batch), states
+        outputs, states = task.apply_scored(p, batch, off)
+        return task.loss_from_outputs(outputs, scored), states
 
     (loss, states), (grads, state_grads) = jax.value_and_grad(
         objective, argnums=(0, 1), has_aux=True

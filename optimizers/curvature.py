@@ -14,7 +14,9 @@ For a task with outputs ``f(theta)`` (``[T, B, O]``), hidden states ``x(theta)``
   over sequences and summed over their valid steps.
 
 The loss weights ``m_t / sum_t m_t`` come from :meth:`tasks.base.Task.loss_weights`
-everywhere below.
+everywhere below, and the outputs from :meth:`tasks.base.Task.apply_scored`: only the
+steps the loss can score (:meth:`tasks.base.Task.score_steps`) enter ``J_f``, since
+``H_L`` is zero at every other step.
 
 Each ``*_operator`` function linearizes the network once (``jax.linearize``) and
 returns a closure that reuses that linearization for every product, as Hessian-free's
@@ -38,7 +40,10 @@ Operator = Callable[[dict], dict]
 
 
 def output_hessian_vp(task: Task, outputs: Array, batch: Batch, v: Array) -> Array:
-    """``H_L v`` for the weighted output loss (per step, block diagonal)."""
+    """``H_L v`` for the weighted output loss (per step, block diagonal).
+
+    ``outputs`` and ``batch`` match as in :meth:`tasks.base.Task.loss_from_outputs`.
+    """
     weight = task.loss_weights(batch, outputs.dtype)
     return task.output_loss.hessian_vp(outputs, v) * weight[..., None]
 
@@ -67,8 +72,9 @@ def gauss_newton_operator(
         ``lambda * mu``); 0 leaves it out at no cost when a Python zero.
     """
     (outputs, states), jvp = jax.linearize(
-        lambda p: task.apply(p, batch.inputs), params
+        lambda p: task.apply_scored(p, batch), params
     )
+    scored = task.scored_batch(batch)
     transpose = jax.linear_transpose(jvp, params)
     use_states = not (isinstance(structural, int | float) and structural == 0)
     if use_states:
@@ -76,7 +82,7 @@ def gauss_newton_operator(
 
     def matvec(v: dict) -> dict:
         jv_out, jv_states = jvp(v)
-        ct_out = output_hessian_vp(task, outputs, batch, jv_out)
+        ct_out = output_hessian_vp(task, outputs, scored, jv_out)
         ct_states = structural * d * jv_states if use_states else jnp.zeros_like(states)
         (gv,) = transpose((ct_out, ct_states))
         return gv
@@ -113,7 +119,7 @@ def curvature_operator(
 
 def structural_operator(task: Task, params: dict, batch: Batch) -> Operator:
     """``v -> S v = J_x^T D J_x v`` alone (structural damping's curvature)."""
-    states, jvp = jax.linearize(lambda p: task.apply(p, batch.inputs)[1], params)
+    states, jvp = jax.linearize(lambda p: task.apply_scored(p, batch)[1], params)
     transpose = jax.linear_transpose(jvp, params)
     d = structural_diagonal(task, states, batch)
 
@@ -168,8 +174,8 @@ def gauss_newton_diagonal_sampled(
     at the cost of one backward pass. This is Sophia-G's Gauss-Newton-Bartlett
     estimator (Liu et al. 2023), with the batch size folded into the weights.
     """
-    outputs, vjp = jax.vjp(lambda p: task.apply(p, batch.inputs)[0], params)
-    root_w = jnp.sqrt(task.loss_weights(batch, outputs.dtype))
+    outputs, vjp = jax.vjp(lambda p: task.apply_scored(p, batch)[0], params)
+    root_w = jnp.sqrt(task.loss_weights(task.scored_batch(batch), outputs.dtype))
 
     def one(k):
         targets = task.output_loss.sample_targets(k, jax.lax.stop_gradient(outputs))

@@ -454,9 +454,10 @@ def _residual_fn(task: Any, unravel: Callable) -> Callable:
     """
 
     def residual(flat, batch):
-        outputs, _ = task.apply(unravel(flat), batch.inputs)
-        weight = task.loss_weights(batch)
-        scaled = jnp.sqrt(weight)[..., None] * (outputs - batch.targets)
+        outputs, _ = task.apply_scored(unravel(flat), batch)
+        scored = task.scored_batch(batch)
+        weight = task.loss_weights(scored)
+        scaled = jnp.sqrt(weight)[..., None] * (outputs - scored.targets)
         return jnp.ravel(scaled.astype(flat.dtype))
 
     return residual

@@ -17,7 +17,12 @@ Declared with a default (override when the default does not fit):
 
 * ``n_out``: number of output units (inferred from the shape of ``apply``'s outputs);
 * ``loss_weights(batch)``: per-step weights of the loss, ``mask / max(sum(mask), 1)``;
-* ``loss_from_outputs``, ``loss``, ``metrics``, ``success`` and ``describe``.
+* ``loss_from_outputs``, ``loss``, ``metrics``, ``success`` and ``describe``;
+* ``score_steps(batch)``: the only time steps the loss can score (None: every step),
+  and ``apply_scored``: the outputs at those steps only. The loss, its gradient and
+  every curvature product read the outputs through ``apply_scored``, so a task that
+  scores one step out of ``T`` (the pathological problems score the last) skips the
+  output layer and the output loss everywhere else.
 
 Optional (the default raises ``NotImplementedError`` or returns None; only the
 features that need them fail):
@@ -63,6 +68,12 @@ class Batch(NamedTuple):
     targets: Array
     mask: Array
     lengths: Array
+
+
+def take_steps(values: Array, index: Array) -> Array:
+    """``values[index[k, b], b, ...]``: ``[K, B, ...]`` from time-major ``values``."""
+    index = index.reshape(index.shape + (1,) * (values.ndim - 2))
+    return jnp.take_along_axis(values, index, axis=0)
 
 
 class Task(abc.ABC):
@@ -197,24 +208,69 @@ class Task(abc.ABC):
         """
         return None
 
+    # Where the loss is scored.
+    def score_steps(self, batch: Batch) -> Array | None:
+        """Time indices ``[K, B]`` of the steps the loss can score, or None (all ``T``).
+
+        Declare it when the mask is zero everywhere but at ``K < T`` known steps per
+        sequence (the last step of each sequence: ``(batch.lengths - 1)[None]``). The
+        indices must cover every step where ``batch.mask`` is nonzero; the loss,
+        gradients and curvature are then unchanged, only cheaper. The default, None,
+        scores all steps.
+        """
+        del batch
+        return None
+
+    def scored_batch(self, batch: Batch) -> Batch:
+        """``batch`` with ``targets`` and ``mask`` taken at :meth:`score_steps`.
+
+        ``inputs`` and ``lengths`` are kept whole (they drive the network and the
+        structural-damping mask); :meth:`loss_weights` is called on this batch. The
+        identity when :meth:`score_steps` is None.
+        """
+        index = self.score_steps(batch)
+        if index is None:
+            return batch
+        return batch._replace(
+            targets=take_steps(batch.targets, index), mask=take_steps(batch.mask, index)
+        )
+
+    def apply_scored(
+        self, params: Params, batch: Batch, state_offset: Array | None = None
+    ) -> tuple[Array, Array]:
+        """Outputs ``[K, B, n_out]`` at :meth:`score_steps` and states ``[T, B, H]``.
+
+        What the loss and the curvature products use. The default takes the outputs
+        of :meth:`apply` at those steps; a task can override it to compute the
+        output layer only there (:class:`tasks.sequence.SequenceTask` does).
+        """
+        outputs, states = self.apply(params, batch.inputs, state_offset)
+        index = self.score_steps(batch)
+        return (outputs if index is None else take_steps(outputs, index)), states
+
     # Derived quantities.
     def loss_from_outputs(self, outputs: Array, batch: Batch) -> Array:
-        """``sum_t w_t l(f_t, y_t)`` with the :meth:`loss_weights` ``w``."""
+        """``sum_t w_t l(f_t, y_t)`` with the :meth:`loss_weights` ``w``.
+
+        ``outputs`` and ``batch`` must match: all steps (:meth:`apply`, the batch) or
+        the scored ones (:meth:`apply_scored`, :meth:`scored_batch`).
+        """
         per_step = self.output_loss.value(outputs, batch.targets)
         dtype = jnp.result_type(per_step, batch.mask)
         return jnp.sum(per_step * self.loss_weights(batch, dtype))
 
     def loss(self, params: Params, batch: Batch) -> Array:
         """The training objective on a batch."""
-        outputs, _ = self.apply(params, batch.inputs)
-        return self.loss_from_outputs(outputs, batch)
+        outputs, _ = self.apply_scored(params, batch)
+        return self.loss_from_outputs(outputs, self.scored_batch(batch))
 
     def metrics(self, params: Params, batch: Batch) -> dict[str, Array]:
         """Loss and error rate (a sequence is wrong if any scored step is wrong)."""
-        outputs, _ = self.apply(params, batch.inputs)
-        wrong = self.output_loss.is_wrong(outputs, batch.targets) & (batch.mask > 0)
+        outputs, _ = self.apply_scored(params, batch)
+        scored = self.scored_batch(batch)
+        wrong = self.output_loss.is_wrong(outputs, scored.targets) & (scored.mask > 0)
         return {
-            "loss": self.loss_from_outputs(outputs, batch),
+            "loss": self.loss_from_outputs(outputs, scored),
             "error_rate": jnp.mean(jnp.any(wrong, axis=0).astype(jnp.float32)),
         }
 

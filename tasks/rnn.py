@@ -219,6 +219,36 @@ def _rnn_states_jvp(activation, leak, primals, tangents):
     return states, d_states
 
 
+def rnn_hidden(
+    params: dict,
+    inputs: Array,
+    activation,
+    leak: float = 0.0,
+    state_offset: Array | None = None,
+) -> Array:
+    """The states ``x_t [T, B, H]`` for time-major ``inputs [T, B, n_in]``.
+
+    ``state_offset`` (like the states, None for zeros) is added to each ``x_t`` as it
+    is computed. The input layer is one matmul for all steps, outside the loop.
+    """
+    n_steps, batch = inputs.shape[:2]
+    n_hidden = params["W_rec"].shape[0]
+    if state_offset is None:
+        state_offset = jnp.zeros((n_steps, batch, n_hidden), inputs.dtype)
+    drive = inputs @ params["W_in"] + params["b"]
+    return rnn_states(activation, leak, params["W_rec"], drive, state_offset)
+
+
+def rnn_readout(params: dict, states: Array, activation, leak: float = 0.0) -> Array:
+    """Outputs ``y = W_out sigma(x) + b_out`` (vanilla) or ``W_out x + b_out`` (leaky).
+
+    ``states`` may hold any subset of the steps (``[K, B, H]``): the output layer
+    is per step, so reading out only the scored steps gives the same values there.
+    """
+    readout = activation(states) if leak == 0.0 else states
+    return readout @ params["W_out"] + params["b_out"]
+
+
 def rnn_apply(
     params: dict,
     inputs: Array,
@@ -228,16 +258,8 @@ def rnn_apply(
 ) -> tuple[Array, Array]:
     """Run the RNN over time-major ``inputs [T, B, n_in]``.
 
-    Returns ``(outputs [T, B, n_out], states [T, B, H])``; ``state_offset`` (same shape
-    as the states) is added to each ``x_t`` as it is computed. The states come from
-    :func:`rnn_states` (input and output layers are one matmul each, outside the loop).
+    Returns ``(outputs [T, B, n_out], states [T, B, H])``: :func:`rnn_hidden`, then
+    :func:`rnn_readout` at every step.
     """
-    n_steps, batch = inputs.shape[:2]
-    n_hidden = params["W_rec"].shape[0]
-    if state_offset is None:
-        state_offset = jnp.zeros((n_steps, batch, n_hidden), inputs.dtype)
-    drive = inputs @ params["W_in"] + params["b"]  # one matmul for all steps
-    states = rnn_states(activation, leak, params["W_rec"], drive, state_offset)
-    readout = activation(states) if leak == 0.0 else states
-    outputs = readout @ params["W_out"] + params["b_out"]
-    return outputs, states
+    states = rnn_hidden(params, inputs, activation, leak, state_offset)
+    return rnn_readout(params, states, activation, leak), states

@@ -14,7 +14,7 @@ from typing import Annotated
 import jax
 
 from tasks import generators
-from tasks.base import Batch, Task
+from tasks.base import Batch, Task, take_steps
 from tasks.hparams import UNIT_OPEN, ConfigError, Range
 from tasks.losses import OutputLoss, softmax_cross_entropy, squared_error
 from tasks.rnn import (
@@ -22,6 +22,8 @@ from tasks.rnn import (
     Init,
     init_rnn,
     rnn_apply,
+    rnn_hidden,
+    rnn_readout,
     rnn_state_curvature,
     rnn_transition,
 )
@@ -41,7 +43,9 @@ class SequenceTask(Task):
 
     The minibatch length is drawn uniformly from ``[min_length, length]`` (one per
     minibatch, Pascanu et al. 2013); batches are padded to ``padded_length`` and masked,
-    so every length runs in the same compiled program. ``n_out`` is set from the
+    so every length runs in the same compiled program. With ``last_step_only`` the
+    generator scores only each sequence's last step, so ``score_steps`` is
+    ``lengths - 1`` and the output layer runs there alone. ``n_out`` is set from the
     constructor; ``state_curvature`` is ``sigma'(x_t)`` for vanilla units and 1 for
     leaky ones (:func:`tasks.rnn.rnn_state_curvature`).
     """
@@ -61,6 +65,7 @@ class SequenceTask(Task):
         init: str,
         leak: float,
         hparams: dict,
+        last_step_only: bool = False,
     ):
         min_length = length if min_length is None else min_length
         if min_length > length:
@@ -79,6 +84,7 @@ class SequenceTask(Task):
         self.activation = ACTIVATIONS[init]
         self.leak = float(leak)
         self.hparams = dict(hparams)
+        self.last_step_only = last_step_only
 
     def init(self, key: Array) -> dict:
         return init_rnn(key, self.n_in, self.hidden, self.n_out, self.init_scheme)
@@ -91,6 +97,17 @@ class SequenceTask(Task):
 
     def apply(self, params, inputs, state_offset=None):
         return rnn_apply(params, inputs, self.activation, self.leak, state_offset)
+
+    def score_steps(self, batch: Batch) -> Array | None:
+        return (batch.lengths - 1)[None, :] if self.last_step_only else None
+
+    def apply_scored(self, params, batch, state_offset=None):
+        states = rnn_hidden(
+            params, batch.inputs, self.activation, self.leak, state_offset
+        )
+        index = self.score_steps(batch)
+        scored = states if index is None else take_steps(states, index)
+        return rnn_readout(params, scored, self.activation, self.leak), states
 
     def state_curvature(self, states):
         return rnn_state_curvature(states, self.activation, self.leak)
@@ -116,11 +133,13 @@ def _check_min_length(name: str, length: int, minimum: int) -> None:
         )
 
 
-def _make(name, generator, n_in, n_out, loss, padded, hparams) -> SequenceTask:
+def _make(
+    name, generator, n_in, n_out, loss, padded, hparams, last_step_only=True
+) -> SequenceTask:
     keys = ("length", "min_length", "batch_size", "hidden", "init", "leak")
     return SequenceTask(
         name, generator, n_in, n_out, loss, padded_length=padded, hparams=hparams,
-        **{k: hparams[k] for k in keys},
+        last_step_only=last_step_only, **{k: hparams[k] for k in keys},
     )  # fmt: skip
 
 
@@ -238,7 +257,8 @@ def _memorization_task(name: str, hp: dict) -> SequenceTask:
     gen = partial(generators.memorization, n_values=n_values, n_pos=n_pos)
     padded = hp["length"] + 2 * n_pos + 1
     loss = softmax_cross_entropy
-    return _make(name, gen, n_values + 2, n_values + 1, loss, padded, hp)
+    n_in, n_out = n_values + 2, n_values + 1
+    return _make(name, gen, n_in, n_out, loss, padded, hp, last_step_only=False)
 
 
 def memorization_5bit(

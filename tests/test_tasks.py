@@ -331,3 +331,93 @@ def test_builtin_tasks_declare_n_out():
     assert make_task("addition").n_out == 1
     assert make_task("memorization").n_out == 6
     assert make_task("wall").n_out == 1
+
+
+# Where the loss is scored: the output layer runs at the scored steps only.
+
+LAST_STEP_TASKS = {
+    "temporal_order": dict(length=12, min_length=10, hidden=5, batch_size=4),
+    "addition": dict(length=12, hidden=5, batch_size=6),  # lengths vary per sequence
+    "random_permutation": dict(length=8, hidden=5, batch_size=3),
+    "xor": dict(length=12, hidden=5, batch_size=6, leak=0.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAST_STEP_TASKS))
+def test_scored_steps_give_the_full_loss_and_gradient(name):
+    with jax.enable_x64(True):
+        task = make_task(name, **LAST_STEP_TASKS[name])
+        params = _perturb(jax.tree.map(np.asarray, task.init(jax.random.key(0))))
+        params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+        batch = task.sample_batch(jax.random.key(1))
+        index = np.asarray(task.score_steps(batch))
+        mask, lengths = np.asarray(batch.mask), np.asarray(batch.lengths)
+        # The indices are each sequence's last step and cover the whole mask.
+        np.testing.assert_array_equal(index, (lengths - 1)[None])
+        covered = np.zeros_like(mask)
+        covered[index[0], np.arange(mask.shape[1])] = 1
+        assert np.all((mask != 0) <= (covered != 0))
+
+        # Reference: every step's outputs, the full mask (Task.apply, the contract).
+        def full_loss(p):
+            outputs, _ = task.apply(p, batch.inputs)
+            return task.loss_from_outputs(outputs, batch)
+
+        outputs, states = task.apply(params, batch.inputs)
+        scored_out, scored_states = task.apply_scored(params, batch)
+        np.testing.assert_allclose(
+            scored_out[0], np.asarray(outputs)[lengths - 1, np.arange(len(lengths))],
+            rtol=1e-13,
+        )  # fmt: skip
+        np.testing.assert_allclose(scored_states, states, rtol=1e-13)
+        np.testing.assert_allclose(
+            task.loss(params, batch), full_loss(params), rtol=1e-13
+        )
+        for a, b in zip(
+            jax.tree.leaves(jax.grad(task.loss)(params, batch)),
+            jax.tree.leaves(jax.grad(full_loss)(params)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+        metrics = task.metrics(params, batch)
+        wrong = task.output_loss.is_wrong(outputs, batch.targets) & (batch.mask > 0)
+        assert float(metrics["error_rate"]) == float(jnp.mean(jnp.any(wrong, axis=0)))
+
+
+def test_every_step_is_scored_where_the_mask_says_so():
+    task = make_task("memorization", length=5, n_values=2, n_pos=2, hidden=4)
+    batch = task.sample_batch(jax.random.key(0))
+    assert task.score_steps(batch) is None
+    assert task.scored_batch(batch) is batch
+
+
+def test_default_apply_scored_takes_the_declared_steps():
+    class LastStep(Task):
+        name, output_loss, batch_size = "last_step", squared_error, 3
+
+        def init(self, key):
+            return {"w": jax.random.normal(key, (2, 1))}
+
+        def sample_batch(self, key, batch_size=None):
+            x = jax.random.normal(key, (4, 3, 2))
+            lengths = jnp.array([4, 2, 3])
+            mask = (jnp.arange(4)[:, None] == lengths - 1).astype(jnp.float32)
+            return Batch(x, jnp.ones((4, 3, 1)), mask, lengths)
+
+        def apply(self, params, inputs, state_offset=None):
+            out = jnp.cumsum(inputs, axis=0) @ params["w"]
+            return out, out
+
+        def score_steps(self, batch):
+            return (batch.lengths - 1)[None]
+
+    task = LastStep()
+    params = task.init(jax.random.key(0))
+    batch = task.sample_batch(jax.random.key(1))
+    outputs, _ = task.apply(params, batch.inputs)
+    scored, _ = task.apply_scored(params, batch)
+    np.testing.assert_array_equal(scored[0], outputs[jnp.array([3, 1, 2]), [0, 1, 2]])
+    assert task.scored_batch(batch).mask.shape == (1, 3)
+    np.testing.assert_allclose(
+        task.loss(params, batch), task.loss_from_outputs(outputs, batch), rtol=1e-6
+    )
