@@ -71,20 +71,30 @@ def gauss_newton_operator(
       structural: weight of the structural-damping term ``S`` (HF passes
         ``lambda * mu``); 0 leaves it out at no cost when a Python zero.
     """
+    scored = task.scored_batch(batch)
+    use_states = not (isinstance(structural, int | float) and structural == 0)
+    if not use_states:
+        # Only the outputs are linearized: no state tangents to carry out of the loop
+        # and no zero state cotangent to carry back through it.
+        outputs, jvp = jax.linearize(lambda p: task.apply_scored(p, batch)[0], params)
+        transpose = jax.linear_transpose(jvp, params)
+
+        def matvec(v: dict) -> dict:
+            ct_out = output_hessian_vp(task, outputs, scored, jvp(v))
+            (gv,) = transpose(ct_out)
+            return gv
+
+        return matvec
     (outputs, states), jvp = jax.linearize(
         lambda p: task.apply_scored(p, batch), params
     )
-    scored = task.scored_batch(batch)
     transpose = jax.linear_transpose(jvp, params)
-    use_states = not (isinstance(structural, int | float) and structural == 0)
-    if use_states:
-        d = structural_diagonal(task, states, batch)
+    d = structural_diagonal(task, states, batch)
 
     def matvec(v: dict) -> dict:
         jv_out, jv_states = jvp(v)
         ct_out = output_hessian_vp(task, outputs, scored, jv_out)
-        ct_states = structural * d * jv_states if use_states else jnp.zeros_like(states)
-        (gv,) = transpose((ct_out, ct_states))
+        (gv,) = transpose((ct_out, structural * d * jv_states))
         return gv
 
     return matvec
