@@ -9,6 +9,8 @@ A results directory holds one comparison::
     <run_id>.steps.npz         per-step traces, arrays [seed, step]
     <run_id>.params.npz        final parameters, leading seed axis
     <run_id>.ckpt/step_<N>.npz parameters every N steps (on request)
+    <run_id>.resume.npz        the whole training state of an unfinished run (deleted
+                               once its run file is written)
     <name>.growth.json         one growth experiment: configuration, rows, fits
 
 Every file is written atomically (a temporary file renamed into place), so a killed
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from functools import cached_property
@@ -61,12 +64,20 @@ class RunResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- writing
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Callable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+        # mkstemp creates 0600; a result file gets the permissions of any new file.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -156,6 +167,90 @@ def write_checkpoint(run_file: Path, step: int, params: Any) -> Path:
     target = run_file.with_suffix(".ckpt") / f"step_{step}.npz"
     _write_arrays(target, flatten_params(params))
     return target
+
+
+RESUME_SUFFIX = ".resume.npz"
+
+
+def resume_path(run_file: Path) -> Path:
+    """The resume checkpoint of a run file."""
+    return run_file.with_suffix(RESUME_SUFFIX)
+
+
+def write_resume(run_file: Path, leaves: list[np.ndarray], meta: dict) -> Path:
+    """Save an unfinished run: the training state's leaves and the host-side ``meta``.
+
+    One ``.npz`` written atomically: ``leaf_<i>`` in the order of
+    ``jax.tree.leaves`` of the state, and ``meta`` (JSON: configuration id, chunk,
+    records, probes, timings, ...) as bytes. Floats that JSON cannot hold (NaN,
+    infinities) are stored as strings and restored by :func:`read_resume`, so the
+    records come back exactly.
+    """
+    arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    blob = json.dumps(_exact(meta)).encode()
+    arrays["meta"] = np.frombuffer(blob, np.uint8)
+    target = resume_path(run_file)
+    _write_arrays(target, arrays)
+    return target
+
+
+def read_resume(run_file: Path) -> tuple[list[np.ndarray], dict]:
+    """``(leaves, meta)`` of a resume checkpoint; :class:`ResultsError` if damaged."""
+    path = resume_path(run_file)
+    arrays = _npz(path)
+    try:
+        meta = _unexact(json.loads(arrays.pop("meta").tobytes().decode()))
+    except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultsError(f"result file {path} is damaged: {err}") from None
+    leaves = [arrays[k] for k in sorted(arrays)]
+    return leaves, meta
+
+
+def _exact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _exact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_exact(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return {"__float__": repr(value)}
+    return value
+
+
+def _unexact(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: _unexact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unexact(v) for v in value]
+    return value
+
+
+def remove_resume(run_file: Path) -> None:
+    """Delete a run's resume checkpoint (after its run file is written)."""
+    resume_path(run_file).unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | Path, older_than: float = 600.0) -> list:
+    """Delete the ``.*.tmp`` files that interrupted atomic writes left in ``folder``.
+
+    Only those untouched for ``older_than`` seconds: a write in progress (another
+    process on the same directory) takes far less. Returns the removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed, now = [], time.time()
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime >= older_than:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+    return removed
 
 
 def write_growth(path: Path, config: dict, rows: pd.DataFrame, fits: pd.DataFrame):

@@ -124,7 +124,8 @@ class Progress:
         self.bar, self.eval_every = bar, eval_every
 
     def on_start(self, run: RunState) -> None:
-        pass
+        if run.next_chunk:  # a resumed run starts where it stopped
+            self.bar.update(run.next_chunk * self.eval_every)
 
     def on_chunk(self, run: RunState, chunk: Chunk) -> None:
         self.bar.update(self.eval_every)

@@ -35,6 +35,9 @@ class RunState:
       records, probes: tidy rows so far (one per seed and chunk / probe).
       traces: per-step traces of each chunk (``record_steps``).
       solved_at: seed index -> (updates, seconds) when it was solved.
+      callback_state: what callbacks keep between chunks (JSON values), so that a
+        resumed run (:mod:`runner.resume`) carries it on.
+      next_chunk: index of the next chunk to run (0 for a new run).
     """
 
     state: SeedState
@@ -46,6 +49,8 @@ class RunState:
     probes: list[dict] = dataclasses.field(default_factory=list)
     traces: list[dict] = dataclasses.field(default_factory=list)
     solved_at: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    callback_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    next_chunk: int = 0
 
 
 @dataclasses.dataclass
@@ -87,10 +92,16 @@ def train(
     callbacks: list[Callback],
 ) -> RunState:
     """Run ``steps`` steps in chunks of ``eval_every``; stop early once no seed is
-    active (all solved or diverged)."""
+    active (all solved or diverged).
+
+    Starts at chunk ``run.next_chunk`` (0 for a new run, later for a resumed one)
+    and advances it after each chunk, before the callbacks see it.
+    """
     for callback in callbacks:
         callback.on_start(run)
-    for index in range(-(-steps // eval_every)):
+    for index in range(run.next_chunk, -(-steps // eval_every)):
+        if index > 0 and not np.asarray(run.state.active).any():
+            break
         was_active = np.asarray(run.state.active)
         (run.state, summary, trace, events), dt = timed(
             program.chunk,
@@ -101,6 +112,7 @@ def train(
             jnp.int32(index * eval_every),
         )
         run.seconds += dt
+        run.next_chunk = index + 1
         chunk = Chunk(
             index=index,
             step=min((index + 1) * eval_every, steps),
@@ -111,6 +123,4 @@ def train(
         )
         for callback in callbacks:
             callback.on_chunk(run, chunk)
-        if not np.asarray(run.state.active).any():
-            break
     return run

@@ -52,7 +52,17 @@ class RunOptions:
         None, "curvature minibatch handed to the optimizer each step (default: batch)"
     )
     checkpoint_every: Steps | None = _option(
-        None, "save parameters every N steps (a multiple of eval_every)", False
+        None,
+        "save parameters every N steps (a multiple of eval_every), and the whole "
+        "training state for resuming",
+        False,
+    )
+    resume_every_seconds: Annotated[float, Range(0, 1e9)] | None = _option(
+        300.0,
+        "save the whole training state after the chunk that ends this many seconds "
+        "after the last save, so a killed run resumes there (also at every "
+        "checkpoint_every; unset: only there)",
+        False,
     )
     record_steps: bool = _option(True, "keep per-step traces (<run>.steps.npz)", False)
     probe_every: Steps | None = _option(

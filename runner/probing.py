@@ -102,9 +102,11 @@ class ProbeCallback:
     ) -> None:
         self.prober = cached_probe(task, ProbeConfig(lanczos_iters=iters))
         self.seeds, self.every, self.events = seeds, every, events
-        self.budget = [events] * len(seeds)
 
     def on_start(self, run: RunState) -> None:
+        if run.next_chunk > 0:  # resumed: the step-0 probes are in run.probes
+            return
+        run.callback_state["probe_budget"] = [self.events] * len(self.seeds)
         rows, dt = timed(
             periodic_probes, self.prober, self.seeds, run.state, run.eval_keys, 0
         )
@@ -112,9 +114,10 @@ class ProbeCallback:
         run.probe_seconds += dt
 
     def on_chunk(self, run: RunState, chunk: Chunk) -> None:
-        rows, dt = timed(
-            event_probes, self.prober, self.seeds, chunk.events, self.budget
-        )
+        # The explosion budget left per seed lives in the run, so a resumed run
+        # continues it (event_probes spends it in place).
+        budget = run.callback_state["probe_budget"]
+        rows, dt = timed(event_probes, self.prober, self.seeds, chunk.events, budget)
         run.probes += rows
         run.probe_seconds += dt
         if chunk.step % self.every == 0:
@@ -124,4 +127,4 @@ class ProbeCallback:
             )  # fmt: skip
             run.probes += rows
             run.probe_seconds += dt
-            self.budget = [self.events] * len(self.seeds)
+            run.callback_state["probe_budget"] = [self.events] * len(self.seeds)

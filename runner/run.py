@@ -21,9 +21,17 @@ import numpy as np
 import optax
 import pandas as pd
 
-from analysis.results import RunResult, load_result, run_path, write_run
+from analysis.results import (
+    RunResult,
+    load_result,
+    remove_resume,
+    run_path,
+    write_run,
+)
 from runner import callbacks as cb
+from runner import resume
 from runner.config import OptimizerSpec, RunConfig, run_config
+from runner.locks import run_lock
 from runner.loop import RunState, train
 from runner.probing import ProbeCallback
 from runner.train import Program, Settings, build_program, seed_keys, timed
@@ -90,8 +98,18 @@ def execute(
     """Train a validated configuration; write its run file into ``out``."""
     described = config.describe()
     path = run_path(out, described["run_id"]) if out is not None else None
-    if skip_existing and path is not None and path.is_file():
-        return load_result(path)
+    if path is None:
+        return _train(config, described, None, progress)
+    with run_lock(path):  # another process training this run: wait for it
+        if skip_existing and path.is_file():
+            return load_result(path)
+        return _train(config, described, path, progress)
+
+
+def _train(
+    config: RunConfig, described: dict, path: Path | None, progress: Any
+) -> RunResult:
+    """Train (or resume, from ``path``'s resume checkpoint) and write the run file."""
     config.optimizer.check_builds()
     task, opts = config.task, config.options
     seeds = list(opts.seeds)
@@ -102,6 +120,8 @@ def execute(
     compile_seconds = time.perf_counter() - start
     state, init_seconds = timed(program.init, train_keys, hparams)
     run_state = RunState(state, hparams, eval_keys, seconds=init_seconds)
+    if path is not None:
+        run_state = resume.load(path, described["run_id"], run_state) or run_state
     callbacks = [
         cb.SuccessTest(task, program.success),
         cb.Records(task, seeds, opts.record_steps),
@@ -113,6 +133,10 @@ def execute(
             )
         )
     callbacks.append(cb.Checkpoints(path, opts.checkpoint_every))
+    saver = resume.ResumeCheckpoints(
+        path, described["run_id"], opts.checkpoint_every, opts.resume_every_seconds
+    )
+    callbacks.append(saver)
     if progress is not None:
         callbacks.append(cb.Progress(progress, opts.eval_every))
     train(program, run_state, opts.steps, opts.eval_every, callbacks)
@@ -133,6 +157,7 @@ def execute(
     }
     versions = {"jax": jax.__version__, "optax": optax.__version__}
     write_run(path, result, timings, versions, _stack(run_state.traces, opts.steps))
+    remove_resume(path)
     return result._replace(path=path)
 
 
