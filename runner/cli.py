@@ -77,15 +77,20 @@ def _cmd_run(args) -> int:
     data = {"task": [{"name": args.task, **task_hp}], "optimizer": [entry_opt]}
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"run-{args.task}-{args.optimizer}")
     comparison = parse_comparison(data, name, overrides=_run_options(args))
-    return _compare(comparison, args)
+    return _compare(comparison, args, default_executor="serial")
 
 
-def _compare(comparison, args) -> int:
+def _compare(comparison, args, default_executor=None) -> int:
     from analysis.table import show
     from runner.compare import compare, results_dir
+    from runner.executors import ExecutorConfig
 
     out = results_dir(comparison, args.out)
-    outcome = compare(comparison, out, progress=None if not args.quiet else False)
+    executor = args.executor or default_executor
+    if executor is not None:
+        executor = ExecutorConfig.parse(executor)  # checked before anything runs
+    progress = None if not args.quiet else False
+    outcome = compare(comparison, out, progress=progress, executor=executor)
     if outcome.results:
         print(show(out, markdown=getattr(args, "markdown", False)))
     print(f"\nresults: {out}")
@@ -236,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.add_argument("--out", help="results directory (default: results/<name>)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--executor",
+            metavar="KIND",
+            help="where runs train: serial, local[:N] (N worker processes; default "
+            "for compare: one per core), dask[:ADDRESS], slurm[:N] (default for "
+            "run: serial; overrides the file's [executor] table)",
+        )
 
     run = sub.add_parser("run", help="train one task/optimizer over several seeds")
     run.add_argument("--task", required=True)

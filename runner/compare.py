@@ -1,11 +1,14 @@
 """Run a comparison grid, one run file per configuration, resumable.
 
 Every run of the comparison was validated when it was read
-(:func:`runner.config.read_comparison`). A run whose file already exists in the
-results directory (same configuration, hence same run id) is loaded instead of
-trained again, so an interrupted comparison resumes where it stopped. A run that
-fails (a plug-in that raises, for instance) costs only itself: the others still run
-and write their files, and the failure is reported with its reason.
+(:func:`runner.config.read_comparison`). The runs train on an executor
+(:mod:`runner.executors`: a local process pool by default, Dask, SLURM, or serially
+in this process). A run whose file already exists in the results directory (same
+configuration, hence same run id) is loaded instead of trained again, and a run
+interrupted mid-way resumes from its last checkpoint (:mod:`runner.resume`), so an
+interrupted comparison resumes where it stopped. A run that fails (a plug-in that
+raises, a worker that dies) costs only itself: the others still run and write their
+files, and the failure is reported with its reason.
 """
 
 from __future__ import annotations
@@ -15,9 +18,16 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
-from analysis.results import RunResult
+from analysis.results import (
+    RunResult,
+    load_result,
+    remove_stale_temporaries,
+    run_path,
+)
 from runner.config import Comparison, RunConfig
+from runner.executors import ExecutorConfig, execute_all, pickled
 from runner.run import execute
+from runner.worker import Outcome
 from tasks.hparams import ConfigError
 
 
@@ -61,6 +71,7 @@ def compare(
     comparison: Comparison,
     out: str | Path | None = None,
     progress: bool | None = None,
+    executor: str | dict | ExecutorConfig | None = None,
 ) -> CompareOutcome:
     """Run every configuration of ``comparison`` and write its run files.
 
@@ -68,9 +79,30 @@ def compare(
       comparison: a validated comparison (see :func:`runner.config.read_comparison`).
       out: results directory (default: the file's ``out`` or ``results/<name>``).
       progress: show progress bars (None: only on a terminal).
+      executor: where the runs train (:mod:`runner.executors`: ``"serial"``,
+        ``"local[:N]"``, ``"dask[:ADDRESS]"``, ``"slurm"`` or an
+        :class:`~runner.executors.ExecutorConfig`); default: the file's
+        ``[executor]`` table, else ``local`` (one worker per core).
+
+    Whatever the executor, a run's file is the same (timings aside).
     """
     out = results_dir(comparison, out)
+    spec = comparison.executor if executor is None else ExecutorConfig.parse(executor)
+    remove_stale_temporaries(out)
     disable = None if progress is None else not progress
+    if spec.kind == "serial":
+        return _serial(comparison, out, disable)
+    jobs = pickled(comparison.runs)  # refuses an unpicklable run before any work
+    tracker = _Tracker(comparison, out, disable)
+    try:
+        execute_all(spec, jobs, out, tracker.started, tracker.finished)
+    finally:
+        tracker.bar.close()
+    return CompareOutcome(out, tracker.results(), tracker.failures)
+
+
+def _serial(comparison: Comparison, out: Path, disable: bool | None) -> CompareOutcome:
+    """In this process, one run after another, with a progress bar per run."""
     results, failures = [], []
     runs = tqdm(comparison.runs, desc=comparison.name, unit="run", disable=disable)
     for config in runs:
@@ -83,12 +115,53 @@ def compare(
             try:
                 results.append(execute(config, out, bar, skip_existing=True))
             except Exception as err:
-                failures.append(
-                    RunFailure(
-                        config.run_id,
-                        config.label,
-                        name,
-                        f"{type(err).__name__}: {err}",
-                    )
-                )
+                failures.append(_failure(config, f"{type(err).__name__}: {err}"))
     return CompareOutcome(out, results, failures)
+
+
+def _failure(config: RunConfig, error: str) -> RunFailure:
+    return RunFailure(config.run_id, config.label, _describe(config), error)
+
+
+class _Tracker:
+    """Progress of a comparison on an executor: done, running, failed, solved."""
+
+    def __init__(self, comparison: Comparison, out: Path, disable) -> None:
+        self.comparison, self.out = comparison, out
+        self.running: set[int] = set()
+        self.done: list[int] = []
+        self.failures: list[RunFailure] = []
+        self.solved = self.seeds = 0
+        self.bar = tqdm(
+            total=len(comparison.runs), desc=comparison.name, unit="run",
+            disable=disable,
+        )  # fmt: skip
+
+    def _show(self) -> None:
+        self.bar.set_postfix(
+            running=len(self.running), failed=len(self.failures),
+            solved=f"{self.solved}/{self.seeds} seeds",
+        )  # fmt: skip
+
+    def started(self, index: int) -> None:
+        self.running.add(index)
+        self._show()
+
+    def finished(self, outcome: Outcome) -> None:
+        self.running.discard(outcome.index)
+        config = self.comparison.runs[outcome.index]
+        if outcome.error is None:
+            self.done.append(outcome.index)
+            self.solved += outcome.solved
+            self.seeds += outcome.seeds
+        else:
+            self.failures.append(_failure(config, outcome.error))
+        self.bar.update(1)
+        self._show()
+
+    def results(self) -> list[RunResult]:
+        """The finished runs, read from their files, in the comparison's order."""
+        runs = self.comparison.runs
+        return [
+            load_result(run_path(self.out, runs[i].run_id)) for i in sorted(self.done)
+        ]

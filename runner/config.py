@@ -47,6 +47,7 @@ from typing import Any
 import optax
 
 from optimizers.registry import check_optimizer, resolve_optimizer, traced_names
+from runner.executors import ExecutorConfig
 from runner.options import RunOptions, option_specs
 from tasks.base import Task
 from tasks.hparams import ConfigError
@@ -54,7 +55,7 @@ from tasks.plugins import add_plugin_folder
 from tasks.registry import check_task, make_task
 
 #: Fields of a comparison file besides the run options.
-COMPARISON_FIELDS = ("name", "description", "out", "task", "optimizer")
+COMPARISON_FIELDS = ("name", "description", "out", "task", "optimizer", "executor")
 #: Keys of a [[task]] or [[optimizer]] table that are not hyperparameters.
 _ENTRY_KEYS = ("name", "label", "grid", "task")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -234,6 +235,7 @@ class Comparison:
     runs: tuple[RunConfig, ...]
     out: str | None = None
     description: str = ""
+    executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
 
 
 def _string(table: dict, key: str, where: str) -> str | None:
@@ -360,7 +362,15 @@ def parse_comparison(
                 f"optimizer {label!r} on task {t_name!r}: {err}"
             ) from None
         runs.append(config)
-    return Comparison(name, tuple(runs), out, description)
+    executor = data.get("executor")
+    if executor is not None and not isinstance(executor, dict | str):
+        raise ConfigError(
+            f"comparison field 'executor' = {executor!r} must be a table or a string "
+            "such as 'local:2'"
+        )
+    return Comparison(
+        name, tuple(runs), out, description, ExecutorConfig.parse(executor)
+    )
 
 
 def read_comparison(path: str | Path, overrides: dict | None = None) -> Comparison:

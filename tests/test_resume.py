@@ -1,6 +1,5 @@
 """Preemption-safe runs: resume checkpoints, locks, temporaries, file permissions."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from runs import assert_same_run
 
 from analysis import results as store
 from runner import resume
@@ -16,9 +16,6 @@ from runner.locks import is_locked, lock_path, run_lock
 from runner.run import run
 
 TINY = {"length": 10, "hidden": 6, "batch_size": 8}
-#: Keys that hold wall-clock times: the only fields two equal runs may differ in.
-TIMES = {"seconds", "seconds_to_solve", "run_seconds", "compile_seconds",
-         "probe_seconds"}  # fmt: skip
 
 
 def _run(out, **kwargs):
@@ -29,26 +26,6 @@ def _run(out, **kwargs):
     )  # fmt: skip
     args.update(kwargs)
     return run(**args)
-
-
-def _without_times(value):
-    if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items() if k not in TIMES}
-    if isinstance(value, list):
-        return [_without_times(v) for v in value]
-    return value
-
-
-def assert_same_run(a, b):
-    """Two run files (and their arrays) equal in everything but wall-clock times."""
-    assert _without_times(json.loads(a.read_text())) == _without_times(
-        json.loads(b.read_text())
-    )
-    for suffix in (".params.npz", ".steps.npz"):
-        with np.load(a.with_suffix(suffix)) as x, np.load(b.with_suffix(suffix)) as y:
-            assert sorted(x.files) == sorted(y.files)
-            for k in x.files:
-                np.testing.assert_array_equal(x[k], y[k], err_msg=f"{suffix} {k}")
 
 
 class Interrupt(Exception):

@@ -1,0 +1,346 @@
+"""Executors: where the runs of a comparison train.
+
+* ``serial``: one after another in this process (what a debugger wants);
+* ``local`` (the default) or ``local:N``: a pool of ``N`` spawned worker processes
+  (default: one per core), each on one thread;
+* ``dask`` or ``dask:ADDRESS``: the workers of a Dask cluster (``dask.distributed``);
+  without an address a ``LocalCluster`` of single-threaded worker processes;
+* ``slurm``: one SLURM array job per comparison through submitit, every run a task
+  of the array that requeues itself when preempted or timed out.
+
+Every executor trains each run through :func:`runner.worker.train_run`, i.e.
+:func:`runner.run.execute` with ``skip_existing``: a finished run is loaded, an
+interrupted one resumes from its checkpoint, and a lock per run keeps two workers
+(or two commands) from training one run twice. Workers are spawned, never forked
+(JAX is not fork-safe), run on one thread each (so results do not depend on how many
+run at once), and share compiled programs through JAX's persistent compilation cache
+in ``cache_dir``. A worker that dies costs only the runs it held: they are retried
+``retries`` times (resuming from their checkpoints) and then reported as failed with
+the reason; every other run completes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing
+import os
+import pickle
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from runner.worker import Outcome, SlurmRun, WorkerSetup, train_run
+from tasks.hparams import ConfigError
+
+KINDS = ("serial", "local", "dask", "slurm")
+
+
+def default_cache_dir() -> str:
+    """``$CURVBENCH_CACHE/xla`` or ``$XDG_CACHE_HOME/curvbench/xla`` (``~/.cache``)."""
+    root = os.environ.get("CURVBENCH_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root = Path(xdg) / "curvbench"
+    return str(Path(root) / "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorConfig:
+    """How a comparison's runs are executed (``[executor]`` table, ``--executor``).
+
+    Attributes:
+      kind: one of :data:`KINDS`.
+      workers: local: processes (default: CPU cores); dask without an address:
+        workers of the ``LocalCluster`` (default: CPU cores); slurm: most array
+        tasks running at once (default: all).
+      address: dask: the scheduler's address (None starts a ``LocalCluster``).
+      retries: times a run whose worker died is tried again.
+      cache_dir: JAX's persistent compilation cache shared by the workers (default:
+        :func:`default_cache_dir`); "" turns it off.
+      partition, time_minutes, mem_gb, gpus, cpus, folder: slurm job settings
+        (``folder`` holds submitit's scripts and logs; default
+        ``<results>/.slurm``).
+    """
+
+    kind: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    retries: int = 2
+    cache_dir: str | None = None
+    partition: str | None = None
+    time_minutes: int = 60
+    mem_gb: float = 4.0
+    gpus: int = 0
+    cpus: int = 1
+    folder: str | None = None
+
+    def __post_init__(self) -> None:
+        where = "executor"
+        if self.kind not in KINDS:
+            raise ConfigError(
+                f"{where} kind {self.kind!r} is unknown; valid: {', '.join(KINDS)}"
+            )
+        for name, low in (("workers", 1), ("retries", 0), ("time_minutes", 1),
+                          ("gpus", 0), ("cpus", 1)):  # fmt: skip
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(
+                    f"{where} {name!r} = {value!r} must be an integer >= {low}"
+                )
+        if isinstance(self.mem_gb, bool) or not isinstance(self.mem_gb, int | float):
+            raise ConfigError(f"{where} 'mem_gb' = {self.mem_gb!r} must be a number")
+        if not self.mem_gb > 0:
+            raise ConfigError(f"{where} 'mem_gb' = {self.mem_gb!r} must be > 0")
+        for name in ("address", "cache_dir", "partition", "folder"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{where} {name!r} = {value!r} must be a string")
+        if self.address is not None and self.kind != "dask":
+            raise ConfigError(
+                f"{where} 'address' is for kind 'dask', not {self.kind!r}"
+            )
+
+    @classmethod
+    def parse(cls, value: str | dict | ExecutorConfig | None) -> ExecutorConfig:
+        """From ``"local"``, ``"local:4"``, ``"dask"``, ``"dask:tcp://host:8786"``,
+        ``"serial"``, ``"slurm"``, or an ``[executor]`` table (``kind`` plus the
+        fields above); None gives the default (``local``)."""
+        if value is None:
+            return cls()
+        if isinstance(value, ExecutorConfig):
+            return value
+        if isinstance(value, dict):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - fields)
+            if unknown:
+                raise ConfigError(
+                    f"unknown executor setting {unknown[0]!r}; valid: "
+                    f"{', '.join(sorted(fields))}"
+                )
+            return cls(**value)
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"executor {value!r} must be a string such as 'local:2' or a table"
+            )
+        kind, _, rest = value.partition(":")
+        if kind == "dask":
+            return cls(kind="dask", address=rest or None)
+        if kind in ("local", "slurm") and rest:
+            if not rest.isdigit() or int(rest) < 1:
+                raise ConfigError(
+                    f"executor {value!r}: the number after ':' must be a positive "
+                    "integer (workers)"
+                )
+            return cls(kind=kind, workers=int(rest))
+        if rest:
+            raise ConfigError(
+                f"executor {value!r} is not one of: serial, local[:N], "
+                "dask[:ADDRESS], slurm[:N]"
+            )
+        return cls(kind=kind)
+
+    def worker_setup(self) -> WorkerSetup:
+        from tasks.plugins import PLUGIN_FOLDERS
+
+        cache = default_cache_dir() if self.cache_dir is None else self.cache_dir
+        return WorkerSetup(
+            cache_dir=cache or None,
+            one_thread=self.kind != "serial",
+            plugin_folders=tuple(PLUGIN_FOLDERS),
+            cwd=os.getcwd(),
+        )
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+# A job: (index, pickled RunConfig). on_done receives each Outcome as it arrives.
+Job = tuple[int, bytes]
+OnDone = Callable[[Outcome], None]
+
+
+def pickled(runs: Iterable[Any]) -> list[Job]:
+    """``(index, pickle)`` per run; a run that cannot be sent to a worker is a
+    :class:`ConfigError` naming it (run it with the ``serial`` executor)."""
+    jobs = []
+    for index, config in enumerate(runs):
+        try:
+            jobs.append((index, pickle.dumps(config)))
+        except Exception as err:
+            raise ConfigError(
+                f"run {config.label!r} cannot be sent to a worker process "
+                f"({type(err).__name__}: {err}); give the task and optimizer by "
+                "name or import path, or use the 'serial' executor"
+            ) from None
+    return jobs
+
+
+def execute_all(
+    executor: ExecutorConfig,
+    jobs: list[Job],
+    out: Path,
+    on_start: Callable[[int], None],
+    on_done: OnDone,
+) -> None:
+    """Train every job on ``executor``; ``on_done`` gets every run's outcome."""
+    setup = executor.worker_setup()
+    if executor.kind == "serial":
+        for index, payload in jobs:
+            on_start(index)
+            on_done(train_run(index, payload, str(out), setup))
+        return
+    runner = {"local": _local, "dask": _dask, "slurm": _slurm}[executor.kind]
+    runner(executor, setup, jobs, out, on_start, on_done)
+
+
+def _died(index: int, reason: str) -> Outcome:
+    return Outcome(index, "?", reason, 0, 0, 0.0, 0.0)
+
+
+def _local(executor, setup, jobs, out, on_start, on_done) -> None:
+    """A spawned process pool with at most ``workers`` runs in flight.
+
+    Keeping no run queued inside the pool means that when a worker dies (the pool
+    breaks), the runs in flight are exactly the ones that were training: only they
+    are charged an attempt; the pool is rebuilt and the rest go on.
+    """
+    payloads = dict(jobs)
+    queue = [i for i, _ in jobs]
+    attempts = dict.fromkeys(queue, 0)
+    context = multiprocessing.get_context("spawn")
+    while queue:
+        workers = min(executor.n_workers, len(queue))
+        with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            in_flight: dict[cf.Future, int] = {}
+            broken = False
+            while (queue or in_flight) and not broken:
+                while queue and len(in_flight) < workers:
+                    index = queue.pop(0)
+                    on_start(index)
+                    future = pool.submit(
+                        train_run, index, payloads[index], str(out), setup
+                    )
+                    in_flight[future] = index
+                done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    index = in_flight.pop(future)
+                    try:
+                        on_done(future.result())
+                    except cf.process.BrokenProcessPool as err:
+                        broken = True
+                        _retry_or_fail(executor, index, attempts, queue, on_done, err)
+            if broken:  # the other runs in flight died with the pool
+                for future, index in in_flight.items():
+                    err = future.exception()
+                    if err is None:  # it had finished just before
+                        on_done(future.result())
+                    else:
+                        _retry_or_fail(executor, index, attempts, queue, on_done, err)
+
+
+def _retry_or_fail(executor, index, attempts, queue, on_done, err) -> None:
+    attempts[index] += 1
+    if attempts[index] <= executor.retries:
+        queue.insert(0, index)  # again, first (it resumes from its checkpoint)
+        return
+    on_done(
+        _died(
+            index,
+            f"its worker process died {attempts[index]} times (killed, or out of "
+            f"memory?): {err}",
+        )
+    )
+
+
+def _dask(executor, setup, jobs, out, on_start, on_done) -> None:
+    """Submit every run to a Dask cluster (a ``LocalCluster`` without an address)."""
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise ConfigError(
+            "executor 'dask' needs dask.distributed: pip install 'curvbench[dask]'"
+        ) from None
+    cluster = None
+    if executor.address is None:
+        env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {_one_thread()}"}
+        cluster = LocalCluster(
+            n_workers=executor.n_workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, env=env,
+        )  # fmt: skip
+    client = Client(cluster if cluster is not None else executor.address)
+    try:
+        futures = {}
+        for index, payload in jobs:
+            on_start(index)
+            future = client.submit(
+                train_run, index, payload, str(out), setup, pure=False,
+                retries=executor.retries, key=f"curvbench-run-{index}-{os.getpid()}",
+            )  # fmt: skip
+            futures[future] = index
+        for future in as_completed(futures):
+            index = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as err:  # a worker lost more often than retries
+                outcome = _died(index, f"{type(err).__name__}: {err}")
+            on_done(outcome)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _one_thread() -> str:
+    from runner.worker import ONE_THREAD
+
+    return ONE_THREAD
+
+
+def slurm_executor(executor: ExecutorConfig, out: Path, cluster: str | None = None):
+    """The submitit executor for ``executor`` (``cluster="local"`` for tests)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError(
+            "executor 'slurm' needs submitit: pip install 'curvbench[slurm]'"
+        ) from None
+    folder = Path(executor.folder or out / ".slurm") / "%j"
+    submitter = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    params: dict[str, Any] = {
+        "timeout_min": executor.time_minutes,
+        "mem_gb": executor.mem_gb,
+        "cpus_per_task": executor.cpus,
+        "name": "curvbench",
+    }
+    if executor.gpus:
+        params["gpus_per_node"] = executor.gpus
+    if submitter.cluster == "slurm":
+        if executor.partition:
+            params["slurm_partition"] = executor.partition
+        if executor.workers:
+            params["slurm_array_parallelism"] = executor.workers
+    submitter.update_parameters(**params)
+    return submitter
+
+
+def _slurm(executor, setup, jobs, out, on_start, on_done, cluster=None) -> None:
+    """One array job; each task trains one run and requeues itself when preempted."""
+    submitter = slurm_executor(executor, out, cluster)
+    task = SlurmRun()
+    indices = [i for i, _ in jobs]
+    with submitter.batch():
+        submitted = [
+            submitter.submit(task, i, payload, str(out), setup) for i, payload in jobs
+        ]
+    for index in indices:
+        on_start(index)
+    for index, job in zip(indices, submitted, strict=True):
+        try:
+            outcome = job.result()
+        except Exception as err:  # the job failed for good (after its requeues)
+            outcome = _died(index, f"{type(err).__name__}: {err}")
+        on_done(outcome)

@@ -1,0 +1,109 @@
+"""What runs inside an executor's worker process: set up once, then train runs.
+
+This module imports no JAX at module level: a freshly spawned worker must set its
+XLA flags (one thread) before JAX creates its CPU backend. :func:`setup` does that,
+points JAX's persistent compilation cache at the executor's directory (so workers
+share compiled programs instead of each compiling its own) and makes plug-in
+modules importable as in the parent. :func:`train_run` trains one run and returns a
+small outcome; the run file itself is the result.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from typing import Any, NamedTuple
+
+#: XLA flags that keep a worker on one thread (one worker per core).
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+class WorkerSetup(NamedTuple):
+    """How a worker process is prepared (picklable, sent with every run)."""
+
+    cache_dir: str | None
+    one_thread: bool
+    plugin_folders: tuple[str, ...]
+    cwd: str
+
+
+_DONE: dict[str, Any] = {}
+
+
+def setup(config: WorkerSetup) -> None:
+    """Prepare this process once: thread count, compilation cache, plug-in folders."""
+    if _DONE.get("setup") == config:
+        return
+    if config.one_thread and ONE_THREAD not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}"
+    import jax
+
+    if config.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from tasks.plugins import add_plugin_folder
+
+    for folder in config.plugin_folders:
+        add_plugin_folder(folder)
+    if config.cwd not in sys.path:
+        sys.path.append(config.cwd)
+    _DONE["setup"] = config
+
+
+class Outcome(NamedTuple):
+    """What a worker reports for one run (the run file holds the rest)."""
+
+    index: int
+    run_id: str
+    error: str | None  # None when the run file was written
+    seeds: int
+    solved: int
+    seconds: float  # wall time in the worker, compilation included
+    compile_seconds: float
+
+
+def train_run(index: int, payload: bytes, out: str, config: WorkerSetup) -> Outcome:
+    """Train (or resume, or load) run ``index`` of a comparison into ``out``.
+
+    Any exception becomes the outcome's ``error``: a failing run costs only itself.
+    """
+    setup(config)
+    start = time.perf_counter()
+    run_id = "?"
+    try:
+        run_config = pickle.loads(payload)
+        run_id = run_config.run_id
+        from analysis.results import read_run
+        from runner.run import execute
+
+        result = execute(run_config, out, None, skip_existing=True)
+        solved = int((result.summary["status"] == "solved").sum())
+        compile_seconds = float(read_run(result.path).get("compile_seconds", 0.0))
+        return Outcome(
+            index, run_id, None, len(result.summary), solved,
+            time.perf_counter() - start, compile_seconds,
+        )  # fmt: skip
+    except Exception as err:  # reported with the run, never raised
+        return Outcome(
+            index, run_id, f"{type(err).__name__}: {err}", 0, 0,
+            time.perf_counter() - start, 0.0,
+        )  # fmt: skip
+
+
+class SlurmRun:
+    """A run as a submitit job that requeues itself on preemption or time-out.
+
+    The requeued job calls the same run again; it resumes from the run's last
+    resume checkpoint (:mod:`runner.resume`), so a preempted job loses at most one
+    checkpoint interval.
+    """
+
+    def __call__(self, index: int, payload: bytes, out: str, config: WorkerSetup):
+        return train_run(index, payload, out, config)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
