@@ -25,6 +25,7 @@ files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -370,7 +371,9 @@ def load_result(path: str | Path) -> RunResult:
 def config_columns(config: dict) -> dict:
     """The columns that identify a run in tidy frames.
 
-    Task hyperparameters as they are, optimizer hyperparameters prefixed ``opt_``.
+    Task hyperparameters as they are, optimizer hyperparameters prefixed ``opt_``,
+    the run options that change results (``steps``, ``eval_every``, ...) and
+    ``config_digest`` (:func:`config_digest`).
     """
     cols = {
         "run_id": config["run_id"],
@@ -383,7 +386,26 @@ def config_columns(config: dict) -> dict:
             cols[key] = value
     for key, value in config["optimizer"].get("hparams", {}).items():
         cols[f"opt_{key}"] = value
+    for key, value in config.items():  # run options (steps, eval_every, ...)
+        if key not in _NOT_OPTIONS and key not in cols:
+            cols[key] = json.dumps(value) if isinstance(value, list | dict) else value
+    cols["config_digest"] = config_digest(config)
     return cols
+
+
+#: Top-level configuration fields that are not run options.
+_NOT_OPTIONS = {"task", "optimizer", "label", "run_id", "seeds"}
+
+
+def config_digest(config: dict) -> str:
+    """A digest of a run's configuration without its seeds and run id.
+
+    Runs with equal digests differ only in their seeds: the comparison table pools
+    them; runs that differ in anything else (a budget of steps, an optimizer
+    setting under the same label) are never pooled.
+    """
+    kept = {k: v for k, v in config.items() if k not in ("seeds", "run_id")}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _tidy(runs: list[dict], field: str) -> pd.DataFrame:

@@ -9,22 +9,58 @@ import pandas as pd
 from analysis.results import Results
 
 #: Configuration columns that never define a group on their own.
-_NOT_KEYS = {"run_id", "optimizer_name", "optimizer", "task", "batch_size"}
+_NOT_KEYS = {
+    "run_id", "optimizer_name", "optimizer", "task", "batch_size", "config_digest",
+}  # fmt: skip
+#: Run options: a key only when runs of one row would otherwise differ in them.
+_RUN_OPTIONS = {
+    "steps", "eval_every", "eval_size", "curvature_batch_size", "probe_every",
+    "probe_events", "explosion_factor", "lanczos_iters", "record_params",
+}  # fmt: skip
 
 
 def group_columns(summary: pd.DataFrame) -> list[str]:
-    """Task, the task settings that vary across runs, and the optimizer label."""
+    """Task, the task settings that vary across runs, and the optimizer label.
+
+    Runs pool into one row only when their configurations are equal but for the
+    seeds (:func:`analysis.results.config_digest`). Where two configurations would
+    share a row (the same label at two budgets of steps, or with two settings), the
+    run options and optimizer settings that tell them apart become columns too.
+    """
     config = [c for c in summary.columns if c not in _SUMMARY_FIELDS]
     varying = [
         c
         for c in config
         if c not in _NOT_KEYS
+        and c not in _RUN_OPTIONS
         and not c.startswith("opt_")
         and summary[c].astype(str).nunique() > 1
     ]
     fixed_first = [c for c in ("length", "init") if c in varying]
     rest = [c for c in varying if c not in fixed_first]
-    return ["task", *fixed_first, *rest, "optimizer"]
+    keys = ["task", *fixed_first, *rest, "optimizer"]
+    return keys + _distinguishing(summary, keys, config)
+
+
+def _distinguishing(summary: pd.DataFrame, keys: list[str], config: list[str]):
+    """Option and optimizer columns that differ inside a row of ``keys``."""
+    if "config_digest" not in summary.columns:
+        return []
+    text = summary[keys].astype(str)
+    clash = summary.groupby([text[k] for k in keys])["config_digest"].transform(
+        "nunique"
+    )
+    inside = summary[clash > 1]
+    if inside.empty:
+        return []
+    grouped = inside.groupby([text.loc[inside.index, k] for k in keys])
+    extra = [
+        c
+        for c in config
+        if (c in _RUN_OPTIONS or c.startswith("opt_"))
+        and grouped[c].agg(lambda v: v.astype(str).nunique()).max() > 1
+    ]
+    return extra
 
 
 _SUMMARY_FIELDS = {
@@ -53,6 +89,8 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     keys = group_columns(summary)
     summary = summary.copy()
+    if "config_digest" in summary.columns:  # never pool two configurations
+        keys = [*keys, "config_digest"]
     for col in ("steps_to_solve", "seconds_to_solve", "grad_equivalents_to_solve"):
         # Older run files may lack a column: it reads as missing, not as an error.
         summary[col] = pd.to_numeric(summary.get(col), errors="coerce")
@@ -74,7 +112,8 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
             "run_seconds": grouped["run_seconds"].max(),
         }
     )
-    return table.reset_index()
+    table = table.reset_index()
+    return table.drop(columns="config_digest", errors="ignore")
 
 
 def format_table(table: pd.DataFrame, markdown: bool = False) -> str:

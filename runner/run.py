@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import optax
 import pandas as pd
 
 from analysis.results import (
+    ResultsError,
     RunResult,
     load_result,
     remove_resume,
@@ -102,7 +104,10 @@ def execute(
         return _train(config, described, None, progress)
     with run_lock(path):  # another process training this run: wait for it
         if skip_existing and path.is_file():
-            return load_result(path)
+            try:
+                return load_result(path)
+            except ResultsError as err:  # damaged or incomplete: train it again
+                warnings.warn(f"{err}; training the run again", stacklevel=2)
         return _train(config, described, path, progress)
 
 

@@ -7,6 +7,7 @@ Dense oracles (explicit Gauss-Newton matrices, Hessians, small problems) live in
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,10 @@ jax.config.update(
     "jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".jax_cache")
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# Executor workers (spawned processes) share a cache under the same folder.
+os.environ.setdefault(
+    "CURVBENCH_CACHE", str(Path(__file__).resolve().parents[1] / ".jax_cache")
+)
 
 #: The event JAX records once per XLA backend compilation.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
