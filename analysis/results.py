@@ -11,6 +11,8 @@ A results directory holds one comparison::
     <run_id>.ckpt/step_<N>.npz parameters every N steps (on request)
     <run_id>.resume.npz        the whole training state of an unfinished run (deleted
                                once its run file is written)
+    <run_id>.final.npz         the same at the end of the run (a larger ``steps``
+                               continues from it)
     <name>.growth.json         one growth experiment: configuration, rows, fits
 
 Every file is written atomically (a temporary file renamed into place), so a killed
@@ -171,33 +173,41 @@ def write_checkpoint(run_file: Path, step: int, params: Any) -> Path:
 
 
 RESUME_SUFFIX = ".resume.npz"
+FINAL_SUFFIX = ".final.npz"
 
 
-def resume_path(run_file: Path) -> Path:
-    """The resume checkpoint of a run file."""
-    return run_file.with_suffix(RESUME_SUFFIX)
+def resume_path(run_file: Path, final: bool = False) -> Path:
+    """The resume checkpoint of a run file, or (``final``) its final state."""
+    return run_file.with_suffix(FINAL_SUFFIX if final else RESUME_SUFFIX)
 
 
-def write_resume(run_file: Path, leaves: list[np.ndarray], meta: dict) -> Path:
+def write_resume(
+    run_file: Path, leaves: list[np.ndarray], meta: dict, final: bool = False
+) -> Path:
     """Save an unfinished run: the training state's leaves and the host-side ``meta``.
 
     One ``.npz`` written atomically: ``leaf_<i>`` in the order of
     ``jax.tree.leaves`` of the state, and ``meta`` (JSON: configuration id, chunk,
-    records, probes, timings, ...) as bytes. Floats that JSON cannot hold (NaN,
+    records, probes, timings, ...) as bytes. With ``final`` the file is the run's
+    final state (``<run_id>.final.npz``), kept so that a longer budget continues
+    the run. Floats that JSON cannot hold (NaN,
     infinities) are stored as strings and restored by :func:`read_resume`, so the
     records come back exactly.
     """
     arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     blob = json.dumps(_exact(meta)).encode()
     arrays["meta"] = np.frombuffer(blob, np.uint8)
-    target = resume_path(run_file)
+    target = resume_path(run_file, final)
     _write_arrays(target, arrays)
     return target
 
 
-def read_resume(run_file: Path) -> tuple[list[np.ndarray], dict]:
-    """``(leaves, meta)`` of a resume checkpoint; :class:`ResultsError` if damaged."""
-    path = resume_path(run_file)
+def read_resume(run_file: Path, final: bool = False) -> tuple[list[np.ndarray], dict]:
+    """``(leaves, meta)`` of a resume checkpoint (or final state, ``final``).
+
+    Raises :class:`ResultsError` (naming the file) when it is missing or damaged.
+    """
+    path = resume_path(run_file, final)
     arrays = _npz(path)
     try:
         meta = _unexact(json.loads(arrays.pop("meta").tobytes().decode()))

@@ -90,7 +90,10 @@ def _compare(comparison, args, default_executor=None) -> int:
     if executor is not None:
         executor = ExecutorConfig.parse(executor)  # checked before anything runs
     progress = None if not args.quiet else False
-    outcome = compare(comparison, out, progress=progress, executor=executor)
+    batch_grid = True if getattr(args, "batch_grid", False) else None
+    outcome = compare(
+        comparison, out, progress=progress, executor=executor, batch_grid=batch_grid
+    )
     if outcome.results:
         print(show(out, markdown=getattr(args, "markdown", False)))
     print(f"\nresults: {out}")
@@ -264,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="run a comparison TOML file")
     cmp.add_argument("file")
     cmp.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    cmp.add_argument(
+        "--batch-grid",
+        action="store_true",
+        help="train the grid points of each sweep over traced hyperparameters as one "
+        "vmapped program (as batch_grid = true in the file)",
+    )
     run_options(cmp)
 
     show = sub.add_parser("show", help="print the comparison table of a results dir")

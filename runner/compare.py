@@ -24,9 +24,9 @@ from analysis.results import (
     remove_stale_temporaries,
     run_path,
 )
+from runner.batching import batch_groups, execute_batch
 from runner.config import Comparison, RunConfig
 from runner.executors import ExecutorConfig, execute_all, pickled
-from runner.run import execute
 from runner.worker import Outcome
 from tasks.hparams import ConfigError
 
@@ -72,6 +72,7 @@ def compare(
     out: str | Path | None = None,
     progress: bool | None = None,
     executor: str | dict | ExecutorConfig | None = None,
+    batch_grid: bool | None = None,
 ) -> CompareOutcome:
     """Run every configuration of ``comparison`` and write its run files.
 
@@ -83,6 +84,9 @@ def compare(
         ``"local[:N]"``, ``"dask[:ADDRESS]"``, ``"slurm"`` or an
         :class:`~runner.executors.ExecutorConfig`); default: the file's
         ``[executor]`` table, else ``local`` (one worker per core).
+      batch_grid: train the grid points of each sweep over traced hyperparameters
+        as one program (:mod:`runner.batching`); default: the file's
+        ``batch_grid``.
 
     Whatever the executor, a run's file is the same (timings aside).
     """
@@ -90,9 +94,11 @@ def compare(
     spec = comparison.executor if executor is None else ExecutorConfig.parse(executor)
     remove_stale_temporaries(out)
     disable = None if progress is None else not progress
+    batched = comparison.batch_grid if batch_grid is None else batch_grid
+    groups = batch_groups(comparison.runs, batched)
     if spec.kind == "serial":
-        return _serial(comparison, out, disable)
-    jobs = pickled(comparison.runs)  # refuses an unpicklable run before any work
+        return _serial(comparison, groups, out, disable)
+    jobs = pickled(comparison.runs, groups)  # refuses unpicklable runs up front
     tracker = _Tracker(comparison, out, disable)
     try:
         execute_all(spec, jobs, out, tracker.started, tracker.finished)
@@ -101,22 +107,31 @@ def compare(
     return CompareOutcome(out, tracker.results(), tracker.failures)
 
 
-def _serial(comparison: Comparison, out: Path, disable: bool | None) -> CompareOutcome:
-    """In this process, one run after another, with a progress bar per run."""
-    results, failures = [], []
-    runs = tqdm(comparison.runs, desc=comparison.name, unit="run", disable=disable)
-    for config in runs:
-        name = _describe(config)
-        runs.set_postfix_str(name)
+def _serial(comparison: Comparison, groups, out: Path, disable) -> CompareOutcome:
+    """In this process, one run (or batch) after another, with a bar for each."""
+    results, failures = {}, []
+    bar_runs = tqdm(
+        total=len(comparison.runs), desc=comparison.name, unit="run", disable=disable
+    )
+    for group in groups:
+        configs = [comparison.runs[i] for i in group]
+        name = _describe(configs[0]) + (f" +{len(group) - 1}" if len(group) > 1 else "")
+        bar_runs.set_postfix_str(name)
         with tqdm(
-            total=config.options.steps, desc=name, unit="step", leave=False,
+            total=configs[0].options.steps, desc=name, unit="step", leave=False,
             disable=disable,
         ) as bar:  # fmt: skip
             try:
-                results.append(execute(config, out, bar, skip_existing=True))
+                for i, result in zip(
+                    group, execute_batch(configs, out, bar), strict=True
+                ):
+                    results[i] = result
             except Exception as err:
-                failures.append(_failure(config, f"{type(err).__name__}: {err}"))
-    return CompareOutcome(out, results, failures)
+                error = f"{type(err).__name__}: {err}"
+                failures += [_failure(config, error) for config in configs]
+        bar_runs.update(len(group))
+    bar_runs.close()
+    return CompareOutcome(out, [results[i] for i in sorted(results)], failures)
 
 
 def _failure(config: RunConfig, error: str) -> RunFailure:
@@ -143,8 +158,8 @@ class _Tracker:
             solved=f"{self.solved}/{self.seeds} seeds",
         )  # fmt: skip
 
-    def started(self, index: int) -> None:
-        self.running.add(index)
+    def started(self, indices: tuple[int, ...]) -> None:
+        self.running.update(indices)
         self._show()
 
     def finished(self, outcome: Outcome) -> None:

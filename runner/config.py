@@ -55,7 +55,9 @@ from tasks.plugins import add_plugin_folder
 from tasks.registry import check_task, make_task
 
 #: Fields of a comparison file besides the run options.
-COMPARISON_FIELDS = ("name", "description", "out", "task", "optimizer", "executor")
+COMPARISON_FIELDS = (
+    "name", "description", "out", "task", "optimizer", "executor", "batch_grid",
+)  # fmt: skip
 #: Keys of a [[task]] or [[optimizer]] table that are not hyperparameters.
 _ENTRY_KEYS = ("name", "label", "grid", "task")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -236,6 +238,7 @@ class Comparison:
     out: str | None = None
     description: str = ""
     executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
+    batch_grid: bool = False
 
 
 def _string(table: dict, key: str, where: str) -> str | None:
@@ -368,9 +371,13 @@ def parse_comparison(
             f"comparison field 'executor' = {executor!r} must be a table or a string "
             "such as 'local:2'"
         )
-    return Comparison(
-        name, tuple(runs), out, description, ExecutorConfig.parse(executor)
-    )
+    batch_grid = data.get("batch_grid", False)
+    if not isinstance(batch_grid, bool):
+        raise ConfigError(
+            f"comparison field 'batch_grid' = {batch_grid!r} must be true or false"
+        )
+    executor = ExecutorConfig.parse(executor)
+    return Comparison(name, tuple(runs), out, description, executor, batch_grid)
 
 
 def read_comparison(path: str | Path, overrides: dict | None = None) -> Comparison:

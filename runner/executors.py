@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from runner.worker import Outcome, SlurmRun, WorkerSetup, train_run
+from runner.worker import ONE_THREAD, Outcome, SlurmRun, WorkerSetup, train_run
 from tasks.hparams import ConfigError
 
 KINDS = ("serial", "local", "dask", "slurm")
@@ -158,24 +158,28 @@ class ExecutorConfig:
         return self.workers or os.cpu_count() or 1
 
 
-# A job: (index, pickled RunConfig). on_done receives each Outcome as it arrives.
-Job = tuple[int, bytes]
+# A job: (run indices, pickled list of their RunConfigs): one run, or the grid
+# points of a batched grid. on_start gets the indices; on_done every run's Outcome.
+Job = tuple[tuple[int, ...], bytes]
+OnStart = Callable[[tuple[int, ...]], None]
 OnDone = Callable[[Outcome], None]
 
 
-def pickled(runs: Iterable[Any]) -> list[Job]:
-    """``(index, pickle)`` per run; a run that cannot be sent to a worker is a
+def pickled(runs: tuple[Any, ...], groups: Iterable[tuple[int, ...]]) -> list[Job]:
+    """One job per group of run indices; a run that cannot be sent to a worker is a
     :class:`ConfigError` naming it (run it with the ``serial`` executor)."""
     jobs = []
-    for index, config in enumerate(runs):
-        try:
-            jobs.append((index, pickle.dumps(config)))
-        except Exception as err:
-            raise ConfigError(
-                f"run {config.label!r} cannot be sent to a worker process "
-                f"({type(err).__name__}: {err}); give the task and optimizer by "
-                "name or import path, or use the 'serial' executor"
-            ) from None
+    for group in groups:
+        for i in group:
+            try:
+                pickle.dumps(runs[i])
+            except Exception as err:
+                raise ConfigError(
+                    f"run {runs[i].label!r} cannot be sent to a worker process "
+                    f"({type(err).__name__}: {err}); give the task and optimizer by "
+                    "name or import path, or use the 'serial' executor"
+                ) from None
+        jobs.append((tuple(group), pickle.dumps([runs[i] for i in group])))
     return jobs
 
 
@@ -183,81 +187,82 @@ def execute_all(
     executor: ExecutorConfig,
     jobs: list[Job],
     out: Path,
-    on_start: Callable[[int], None],
+    on_start: OnStart,
     on_done: OnDone,
 ) -> None:
     """Train every job on ``executor``; ``on_done`` gets every run's outcome."""
     setup = executor.worker_setup()
     if executor.kind == "serial":
-        for index, payload in jobs:
-            on_start(index)
-            on_done(train_run(index, payload, str(out), setup))
+        for indices, payload in jobs:
+            on_start(indices)
+            _report(train_run(indices, payload, str(out), setup), on_done)
         return
     runner = {"local": _local, "dask": _dask, "slurm": _slurm}[executor.kind]
     runner(executor, setup, jobs, out, on_start, on_done)
 
 
-def _died(index: int, reason: str) -> Outcome:
-    return Outcome(index, "?", reason, 0, 0, 0.0, 0.0)
+def _report(outcomes: list[Outcome], on_done: OnDone) -> None:
+    for outcome in outcomes:
+        on_done(outcome)
+
+
+def _died(indices: tuple[int, ...], reason: str) -> list[Outcome]:
+    return [Outcome(i, "?", reason, 0, 0, 0.0, 0.0) for i in indices]
 
 
 def _local(executor, setup, jobs, out, on_start, on_done) -> None:
-    """A spawned process pool with at most ``workers`` runs in flight.
+    """A spawned process pool with at most ``workers`` jobs in flight.
 
-    Keeping no run queued inside the pool means that when a worker dies (the pool
-    breaks), the runs in flight are exactly the ones that were training: only they
+    Keeping no job queued inside the pool means that when a worker dies (the pool
+    breaks), the jobs in flight are exactly the ones that were training: only they
     are charged an attempt; the pool is rebuilt and the rest go on.
     """
     payloads = dict(jobs)
-    queue = [i for i, _ in jobs]
+    queue = [indices for indices, _ in jobs]
     attempts = dict.fromkeys(queue, 0)
     context = multiprocessing.get_context("spawn")
     while queue:
         workers = min(executor.n_workers, len(queue))
         with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            in_flight: dict[cf.Future, int] = {}
+            in_flight: dict[cf.Future, tuple[int, ...]] = {}
             broken = False
             while (queue or in_flight) and not broken:
                 while queue and len(in_flight) < workers:
-                    index = queue.pop(0)
-                    on_start(index)
-                    future = pool.submit(
-                        train_run, index, payloads[index], str(out), setup
-                    )
-                    in_flight[future] = index
+                    job = queue.pop(0)
+                    on_start(job)
+                    future = pool.submit(train_run, job, payloads[job], str(out), setup)
+                    in_flight[future] = job
                 done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                 for future in done:
-                    index = in_flight.pop(future)
+                    job = in_flight.pop(future)
                     try:
-                        on_done(future.result())
+                        _report(future.result(), on_done)
                     except cf.process.BrokenProcessPool as err:
                         broken = True
-                        _retry_or_fail(executor, index, attempts, queue, on_done, err)
-            if broken:  # the other runs in flight died with the pool
-                for future, index in in_flight.items():
+                        _retry_or_fail(executor, job, attempts, queue, on_done, err)
+            if broken:  # the other jobs in flight died with the pool
+                for future, job in in_flight.items():
                     err = future.exception()
                     if err is None:  # it had finished just before
-                        on_done(future.result())
+                        _report(future.result(), on_done)
                     else:
-                        _retry_or_fail(executor, index, attempts, queue, on_done, err)
+                        _retry_or_fail(executor, job, attempts, queue, on_done, err)
 
 
-def _retry_or_fail(executor, index, attempts, queue, on_done, err) -> None:
-    attempts[index] += 1
-    if attempts[index] <= executor.retries:
-        queue.insert(0, index)  # again, first (it resumes from its checkpoint)
+def _retry_or_fail(executor, job, attempts, queue, on_done, err) -> None:
+    attempts[job] += 1
+    if attempts[job] <= executor.retries:
+        queue.insert(0, job)  # again, first (it resumes from its checkpoint)
         return
-    on_done(
-        _died(
-            index,
-            f"its worker process died {attempts[index]} times (killed, or out of "
-            f"memory?): {err}",
-        )
+    reason = (
+        f"its worker process died {attempts[job]} times (killed, or out of "
+        f"memory?): {err}"
     )
+    _report(_died(job, reason), on_done)
 
 
 def _dask(executor, setup, jobs, out, on_start, on_done) -> None:
-    """Submit every run to a Dask cluster (a ``LocalCluster`` without an address)."""
+    """Submit every job to a Dask cluster (a ``LocalCluster`` without an address)."""
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -266,7 +271,7 @@ def _dask(executor, setup, jobs, out, on_start, on_done) -> None:
         ) from None
     cluster = None
     if executor.address is None:
-        env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {_one_thread()}"}
+        env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}"}
         cluster = LocalCluster(
             n_workers=executor.n_workers, threads_per_worker=1, processes=True,
             dashboard_address=None, env=env,
@@ -274,30 +279,25 @@ def _dask(executor, setup, jobs, out, on_start, on_done) -> None:
     client = Client(cluster if cluster is not None else executor.address)
     try:
         futures = {}
-        for index, payload in jobs:
-            on_start(index)
+        for job, payload in jobs:
+            on_start(job)
             future = client.submit(
-                train_run, index, payload, str(out), setup, pure=False,
-                retries=executor.retries, key=f"curvbench-run-{index}-{os.getpid()}",
+                train_run, job, payload, str(out), setup, pure=False,
+                retries=executor.retries,
+                key=f"curvbench-{'-'.join(map(str, job))}-{os.getpid()}",
             )  # fmt: skip
-            futures[future] = index
+            futures[future] = job
         for future in as_completed(futures):
-            index = futures[future]
+            job = futures[future]
             try:
-                outcome = future.result()
+                outcomes = future.result()
             except Exception as err:  # a worker lost more often than retries
-                outcome = _died(index, f"{type(err).__name__}: {err}")
-            on_done(outcome)
+                outcomes = _died(job, f"{type(err).__name__}: {err}")
+            _report(outcomes, on_done)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-
-
-def _one_thread() -> str:
-    from runner.worker import ONE_THREAD
-
-    return ONE_THREAD
 
 
 def slurm_executor(executor: ExecutorConfig, out: Path, cluster: str | None = None):
@@ -328,19 +328,19 @@ def slurm_executor(executor: ExecutorConfig, out: Path, cluster: str | None = No
 
 
 def _slurm(executor, setup, jobs, out, on_start, on_done, cluster=None) -> None:
-    """One array job; each task trains one run and requeues itself when preempted."""
+    """One array job; each task trains one job and requeues itself when preempted."""
     submitter = slurm_executor(executor, out, cluster)
     task = SlurmRun()
-    indices = [i for i, _ in jobs]
     with submitter.batch():
         submitted = [
-            submitter.submit(task, i, payload, str(out), setup) for i, payload in jobs
+            submitter.submit(task, job, payload, str(out), setup)
+            for job, payload in jobs
         ]
-    for index in indices:
-        on_start(index)
-    for index, job in zip(indices, submitted, strict=True):
+    for job, _ in jobs:
+        on_start(job)
+    for (job, _), handle in zip(jobs, submitted, strict=True):
         try:
-            outcome = job.result()
+            outcomes = handle.result()
         except Exception as err:  # the job failed for good (after its requeues)
-            outcome = _died(index, f"{type(err).__name__}: {err}")
-        on_done(outcome)
+            outcomes = _died(job, f"{type(err).__name__}: {err}")
+        _report(outcomes, on_done)

@@ -28,8 +28,9 @@ from analysis.results import ResultsError, read_resume, write_resume
 from runner.loop import Chunk, RunState
 
 
-def save(run_file: Path, run_id: str, run: RunState) -> None:
-    """Write ``run`` (after ``run.next_chunk - 1`` chunks) as the resume checkpoint."""
+def save(run_file: Path, run_id: str, run: RunState, final: bool = False) -> None:
+    """Write ``run`` (after ``run.next_chunk`` chunks) as the resume checkpoint, or
+    (``final``) as the run's final state."""
     leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(run.state)]
     trace_keys = sorted(run.traces[0]) if run.traces else []
     for key in trace_keys:
@@ -46,10 +47,12 @@ def save(run_file: Path, run_id: str, run: RunState) -> None:
         "solved_at": [[i, u, s] for i, (u, s) in sorted(run.solved_at.items())],
         "callback_state": run.callback_state,
     }
-    write_resume(run_file, leaves, meta)
+    write_resume(run_file, leaves, meta, final)
 
 
-def load(run_file: Path, run_id: str, fresh: RunState) -> RunState | None:
+def load(
+    run_file: Path, run_id: str, fresh: RunState, final: bool = False
+) -> RunState | None:
     """The run saved for ``run_file``, or None (no checkpoint, or an unusable one).
 
     ``fresh`` is the run as initialized: its state gives the tree structure, shapes
@@ -57,9 +60,11 @@ def load(run_file: Path, run_id: str, fresh: RunState) -> RunState | None:
     or a damaged one, is ignored (the run starts again from step 0).
     """
     try:
-        leaves, meta = read_resume(run_file)
+        leaves, meta = read_resume(run_file, final)
     except ResultsError:
         return None
+    if final:  # another run's final state: the caller checked its configuration
+        run_id = meta.get("run_id")
     like = jax.tree.leaves(fresh.state)
     n = meta.get("n_state_leaves")
     if meta.get("run_id") != run_id or n != len(like) or len(leaves) < n:
@@ -116,3 +121,40 @@ class ResumeCheckpoints:
         if by_steps or by_time:
             save(self.run_file, self.run_id, run)
             self._last = time.perf_counter()
+
+
+def continuation(
+    out: Path, described: dict, eval_every: int, fresh: RunState
+) -> RunState | None:
+    """A finished run of this configuration with fewer ``steps``, to continue.
+
+    Raising ``steps`` on a finished comparison then continues each run from its
+    final state instead of training from step 0. The earlier run must differ in
+    ``steps`` alone, have ended on a chunk boundary (its ``steps`` a multiple of
+    ``eval_every``, so that its chunks are the new run's first ones) and have kept
+    its final state. Of several, the longest is continued. The result is
+    bit-identical to training the larger budget from the start.
+    """
+    from analysis.results import read_run, resume_path, run_files
+
+    ours = {k: v for k, v in described.items() if k not in ("steps", "run_id")}
+    best = None
+    for file in run_files(out) if out.is_dir() else []:
+        try:
+            config = read_run(file)["config"]
+        except ResultsError:
+            continue
+        theirs = {k: v for k, v in config.items() if k not in ("steps", "run_id")}
+        steps = config.get("steps")
+        if (
+            theirs == ours
+            and isinstance(steps, int)
+            and steps < described["steps"]
+            and steps % eval_every == 0
+            and resume_path(file, final=True).is_file()
+            and (best is None or steps > best[0])
+        ):
+            best = (steps, file)
+    if best is None:
+        return None
+    return load(best[1], "", fresh, final=True)

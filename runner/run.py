@@ -116,7 +116,7 @@ def _train(
 ) -> RunResult:
     """Train (or resume, from ``path``'s resume checkpoint) and write the run file."""
     config.optimizer.check_builds()
-    task, opts = config.task, config.options
+    opts = config.options
     seeds = list(opts.seeds)
     train_keys, eval_keys = seed_keys(seeds)
     hparams = {k: jnp.float32(v) for k, v in config.optimizer.traced.items()}
@@ -126,7 +126,29 @@ def _train(
     state, init_seconds = timed(program.init, train_keys, hparams)
     run_state = RunState(state, hparams, eval_keys, seconds=init_seconds)
     if path is not None:
-        run_state = resume.load(path, described["run_id"], run_state) or run_state
+        run_state = (
+            resume.load(path, described["run_id"], run_state)
+            or resume.continuation(path.parent, described, opts.eval_every, run_state)
+            or run_state
+        )
+    callbacks = run_callbacks(
+        config, seeds, program, path, described["run_id"], progress
+    )
+    train(program, run_state, opts.steps, opts.eval_every, callbacks)
+    return finish_run(config, described, path, run_state, seeds, compile_seconds)
+
+
+def run_callbacks(
+    config: RunConfig,
+    seeds: list[int],
+    program: Program,
+    path: Path | None,
+    resume_id: str,
+    progress: Any = None,
+) -> list:
+    """The callbacks of a run, in order: success test, records, probes, checkpoints,
+    resume checkpoints (under ``resume_id``), progress. ``seeds`` label the rows."""
+    task, opts = config.task, config.options
     callbacks = [
         cb.SuccessTest(task, program.success),
         cb.Records(task, seeds, opts.record_steps),
@@ -138,13 +160,27 @@ def _train(
             )
         )
     callbacks.append(cb.Checkpoints(path, opts.checkpoint_every))
-    saver = resume.ResumeCheckpoints(
-        path, described["run_id"], opts.checkpoint_every, opts.resume_every_seconds
+    callbacks.append(
+        resume.ResumeCheckpoints(
+            path, resume_id, opts.checkpoint_every, opts.resume_every_seconds
+        )
     )
-    callbacks.append(saver)
     if progress is not None:
         callbacks.append(cb.Progress(progress, opts.eval_every))
-    train(program, run_state, opts.steps, opts.eval_every, callbacks)
+    return callbacks
+
+
+def finish_run(
+    config: RunConfig,
+    described: dict,
+    path: Path | None,
+    run_state: RunState,
+    seeds: list[int],
+    compile_seconds: float,
+    keep_final: bool = True,
+) -> RunResult:
+    """The run's result; with a ``path``, its files (and, ``keep_final``, its final
+    state for a longer budget to continue from)."""
     result = RunResult(
         config=described,
         records=pd.DataFrame(run_state.records),
@@ -161,7 +197,10 @@ def _train(
         "probe_seconds": run_state.probe_seconds,
     }
     versions = {"jax": jax.__version__, "optax": optax.__version__}
-    write_run(path, result, timings, versions, _stack(run_state.traces, opts.steps))
+    steps = config.options.steps
+    write_run(path, result, timings, versions, _stack(run_state.traces, steps))
+    if keep_final:
+        resume.save(path, described["run_id"], run_state, final=True)
     remove_resume(path)
     return result._replace(path=path)
 
@@ -174,7 +213,12 @@ def _stack(traces: list[dict], steps: int) -> dict[str, np.ndarray] | None:
     }
 
 
-def compile_program(config: RunConfig, train_keys: jax.Array, hparams: dict) -> Program:
+def compile_program(
+    config: RunConfig,
+    train_keys: jax.Array,
+    hparams: dict,
+    per_seed_hparams: bool = False,
+) -> Program:
     """Lower and compile init, chunk and success test of a configuration.
 
     Programs are cached per task object, optimizer (factory, static
@@ -190,10 +234,11 @@ def compile_program(config: RunConfig, train_keys: jax.Array, hparams: dict) -> 
         opts.eval_every,
         opts.eval_size,
         opts.curvature_batch_size,
-        len(opts.seeds),
+        int(train_keys.shape[0]),
         float(opts.explosion_factor),
         events,
         opts.record_params,
+        per_seed_hparams,
     )
     if key not in _PROGRAMS:
         settings = Settings(
@@ -205,6 +250,7 @@ def compile_program(config: RunConfig, train_keys: jax.Array, hparams: dict) -> 
             explosion_factor=float(opts.explosion_factor),
             event_slots=events,
             record_params=opts.record_params,
+            per_seed_hparams=per_seed_hparams,
         )
         program = build_program(settings)
         state = jax.eval_shape(program.init, train_keys, hparams)

@@ -94,6 +94,9 @@ class Settings(NamedTuple):
       event_slots: explosions per seed and chunk whose point is kept (0: none).
       record_params: add every parameter entry (before the update) to the
         per-step trace as ``param_<name>[_<i>]``: trajectories of small models.
+      per_seed_hparams: the traced hyperparameters have a leading seed axis
+        (a batched grid: every grid point's seeds in one program) instead of
+        being shared by all seeds.
     """
 
     task: Task
@@ -104,6 +107,7 @@ class Settings(NamedTuple):
     explosion_factor: float = 5.0
     event_slots: int = 0
     record_params: bool = False
+    per_seed_hparams: bool = False
 
 
 def build_program(s: Settings) -> Program:
@@ -115,14 +119,16 @@ def build_program(s: Settings) -> Program:
     one seed's parameters.
     """
 
+    hp_axis = 0 if s.per_seed_hparams else None
+
     def init_all(seed_keys, hparams):
-        return jax.vmap(functools.partial(_init_one, s), in_axes=(0, None))(
+        return jax.vmap(functools.partial(_init_one, s), in_axes=(0, hp_axis))(
             seed_keys, hparams
         )
 
     def chunk_all(state, hparams, eval_keys, step_limit, first_step):
         return jax.vmap(
-            functools.partial(_chunk_one, s), in_axes=(0, None, 0, None, None)
+            functools.partial(_chunk_one, s), in_axes=(0, hp_axis, 0, None, None)
         )(state, hparams, eval_keys, step_limit, first_step)
 
     return Program(

@@ -64,32 +64,42 @@ class Outcome(NamedTuple):
     compile_seconds: float
 
 
-def train_run(index: int, payload: bytes, out: str, config: WorkerSetup) -> Outcome:
-    """Train (or resume, or load) run ``index`` of a comparison into ``out``.
+def train_run(
+    indices: tuple[int, ...], payload: bytes, out: str, config: WorkerSetup
+) -> list[Outcome]:
+    """Train (or resume, or load) the runs ``indices`` of a comparison into ``out``.
 
-    Any exception becomes the outcome's ``error``: a failing run costs only itself.
+    ``payload`` is the pickled list of their configurations: one run, or the grid
+    points of a batched grid (:mod:`runner.batching`), trained as one program. Any
+    exception becomes the outcomes' ``error``: a failing run costs only itself.
     """
     setup(config)
     start = time.perf_counter()
-    run_id = "?"
+    ids = ["?"] * len(indices)
     try:
-        run_config = pickle.loads(payload)
-        run_id = run_config.run_id
+        configs = pickle.loads(payload)
+        ids = [c.run_id for c in configs]
         from analysis.results import read_run
-        from runner.run import execute
+        from runner.batching import execute_batch
 
-        result = execute(run_config, out, None, skip_existing=True)
-        solved = int((result.summary["status"] == "solved").sum())
-        compile_seconds = float(read_run(result.path).get("compile_seconds", 0.0))
-        return Outcome(
-            index, run_id, None, len(result.summary), solved,
-            time.perf_counter() - start, compile_seconds,
-        )  # fmt: skip
-    except Exception as err:  # reported with the run, never raised
-        return Outcome(
-            index, run_id, f"{type(err).__name__}: {err}", 0, 0,
-            time.perf_counter() - start, 0.0,
-        )  # fmt: skip
+        results = execute_batch(configs, out)
+        outcomes = []
+        for index, run_id, result in zip(indices, ids, results, strict=True):
+            solved = int((result.summary["status"] == "solved").sum())
+            compile_seconds = float(read_run(result.path).get("compile_seconds", 0.0))
+            elapsed = time.perf_counter() - start
+            seeds = len(result.summary)
+            outcomes.append(
+                Outcome(index, run_id, None, seeds, solved, elapsed, compile_seconds)
+            )
+        return outcomes
+    except Exception as err:  # reported with the runs, never raised
+        error = f"{type(err).__name__}: {err}"
+        elapsed = time.perf_counter() - start
+        return [
+            Outcome(index, run_id, error, 0, 0, elapsed, 0.0)
+            for index, run_id in zip(indices, ids, strict=True)
+        ]
 
 
 class SlurmRun:
@@ -100,8 +110,8 @@ class SlurmRun:
     checkpoint interval.
     """
 
-    def __call__(self, index: int, payload: bytes, out: str, config: WorkerSetup):
-        return train_run(index, payload, out, config)
+    def __call__(self, indices, payload: bytes, out: str, config: WorkerSetup):
+        return train_run(indices, payload, out, config)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit

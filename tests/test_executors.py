@@ -1,6 +1,7 @@
 """Executors: the same run files whatever runs them; a dying worker costs one run."""
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,22 @@ def test_slurm_job_script_has_the_settings(tmp_path, monkeypatch):
                  "--cpus-per-task=1"):  # fmt: skip
         assert line in script, script
     assert submitter._executor.parameters.get("array_parallelism") == 4
+
+
+@pytest.mark.slow
+def test_slurm_path_trains_with_submitits_local_executor(tmp_path):
+    from runner.executors import _slurm
+    from runner.worker import WorkerSetup
+
+    comparison = _comparison()
+    jobs = [((i,), pickle.dumps([run])) for i, run in enumerate(comparison.runs)]
+    spec = ExecutorConfig("slurm", time_minutes=10, cache_dir=CACHE)
+    setup = WorkerSetup(CACHE, True, (), os.getcwd())
+    done = []
+    _slurm(spec, setup, jobs, tmp_path / "slurm", lambda i: None, done.append,
+           cluster="local")  # fmt: skip
+    assert sorted(o.index for o in done) == [0, 1]
+    assert all(o.error is None for o in done), done
+    reference = compare(comparison, tmp_path / "serial", False, "serial")
+    for result in reference.results:
+        assert_same_run(result.path, tmp_path / "slurm" / result.path.name)

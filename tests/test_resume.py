@@ -147,3 +147,29 @@ def test_run_files_get_the_umask_permissions(tmp_path):
         os.umask(previous)
     for path in (result.path, result.path.with_suffix(".params.npz")):
         assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_raising_steps_continues_the_finished_run(tmp_path, monkeypatch):
+    reference = _run(tmp_path / "a", steps=80).path
+    short = _run(tmp_path / "b", steps=40).path
+    assert store.resume_path(short, final=True).is_file()
+    import runner.run as run_module
+
+    starts = []
+    original = run_module.train
+
+    def spy(program, run_state, *args, **kwargs):
+        starts.append(run_state.next_chunk)
+        return original(program, run_state, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train", spy)
+    longer = _run(tmp_path / "b", steps=80).path
+    assert starts == [4]  # 40 steps in chunks of 10 were done already
+    assert_same_run(reference, longer)
+    assert short.is_file()  # the shorter budget stays, as its own row
+    # A budget that ended inside a chunk cannot continue: it trains from step 0.
+    odd = _run(tmp_path / "c", steps=45).path
+    assert odd.is_file()
+    starts.clear()
+    assert_same_run(reference, _run(tmp_path / "c", steps=80).path)
+    assert starts == [0]

@@ -1,0 +1,64 @@
+"""Batched grids: grid points x seeds in one program, each written as its own run."""
+
+import numpy as np
+import pytest
+from runs import assert_same_run
+
+from analysis import results as store
+from runner import run as run_module
+from runner.batching import batch_groups
+from runner.compare import compare
+from runner.config import parse_comparison
+
+
+def _comparison(**extra):
+    data = {
+        "name": "grid", "seeds": 2, "steps": 60, "eval_every": 20, "eval_size": 64,
+        "task": [{"name": "addition", "length": 10, "hidden": 6, "batch_size": 8}],
+        "optimizer": [
+            {"name": "sgd", "label": "SGD",
+             "grid": {"learning_rate": [0.05, 0.2, 1e4]}},
+            {"name": "adahessian", "every": 1},
+        ],
+        **extra,
+    }  # fmt: skip
+    return parse_comparison(data)
+
+
+def test_only_runs_differing_in_traced_values_batch():
+    comparison = _comparison()
+    assert batch_groups(comparison.runs, enabled=False) == [(0,), (1,), (2,), (3,)]
+    assert batch_groups(comparison.runs, enabled=True) == [(0, 1, 2), (3,)]
+    # A static hyperparameter (every, an int) never batches.
+    other = _comparison(optimizer=[{"name": "adahessian", "grid": {"every": [1, 2]}}])
+    assert batch_groups(other.runs, enabled=True) == [(0,), (1,)]
+
+
+@pytest.mark.slow
+def test_batched_grid_writes_the_runs_it_would_write_alone(tmp_path):
+    comparison = _comparison(checkpoint_every=20, probe_every=40, lanczos_iters=3)
+    alone = compare(comparison, tmp_path / "alone", False, "serial", batch_grid=False)
+    programs = set(run_module._PROGRAMS)
+    batched = compare(
+        comparison, tmp_path / "batched", False, "serial", batch_grid=True
+    )
+    # The three grid points share one new program (adahessian's exists already).
+    new = [key for key in run_module._PROGRAMS if key not in programs]
+    assert len(new) == 1 and new[0][-1] is True  # per-seed hyperparameters
+    assert not alone.failures and not batched.failures
+    assert [r.path.name for r in alone.results] == [
+        r.path.name for r in batched.results
+    ]
+    for a, b in zip(alone.results, batched.results, strict=True):
+        assert_same_run(a.path, b.path)
+        steps = store.checkpoint_steps(a.path)
+        assert steps == store.checkpoint_steps(b.path) and steps
+        for step in steps:
+            ckpt_a = store.load_params(a.path, step)
+            ckpt_b = store.load_params(b.path, step)
+            for name, value in ckpt_a.items():
+                np.testing.assert_array_equal(value, ckpt_b[name])
+    statuses = set(batched.results[2].summary["status"])
+    assert statuses == {"diverged"}  # lr 1e4: its traces stop where it did alone
+    assert store.checkpoint_steps(batched.results[2].path) == [20]
+    assert not list((tmp_path / "batched").glob(".batch-*"))
