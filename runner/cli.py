@@ -329,6 +329,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``curvbench`` console script."""
+    from runner.worker import use_one_thread
+
+    use_one_thread()  # before JAX's first computation: see its docstring
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -148,7 +148,7 @@ class ExecutorConfig:
         cache = default_cache_dir() if self.cache_dir is None else self.cache_dir
         return WorkerSetup(
             cache_dir=cache or None,
-            one_thread=self.kind != "serial",
+            one_thread=True,
             plugin_folders=tuple(PLUGIN_FOLDERS),
             cwd=os.getcwd(),
         )
@@ -272,6 +272,8 @@ def _dask(executor, setup, jobs, out, on_start, on_done) -> None:
     cluster = None
     if executor.address is None:
         env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}"}
+        if os.environ.get("CURVBENCH_XLA_THREADS") == "all":
+            env = {}
         cluster = LocalCluster(
             n_workers=executor.n_workers, threads_per_worker=1, processes=True,
             dashboard_address=None, env=env,

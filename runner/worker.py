@@ -32,12 +32,27 @@ class WorkerSetup(NamedTuple):
 _DONE: dict[str, Any] = {}
 
 
+def use_one_thread() -> None:
+    """Run XLA on one thread in this process (call before its first computation).
+
+    Every process that trains (the ``curvbench`` command, executor workers, the
+    tests) runs XLA on one thread: matrix products split over several threads sum in
+    another order, and run files would then depend on where a run trained.
+    ``CURVBENCH_XLA_THREADS=all`` leaves XLA's default (all cores) in place, at the
+    price of that equality.
+    """
+    if os.environ.get("CURVBENCH_XLA_THREADS") == "all":
+        return
+    if ONE_THREAD not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}"
+
+
 def setup(config: WorkerSetup) -> None:
     """Prepare this process once: thread count, compilation cache, plug-in folders."""
     if _DONE.get("setup") == config:
         return
-    if config.one_thread and ONE_THREAD not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}"
+    if config.one_thread:
+        use_one_thread()
     import jax
 
     if config.cache_dir:

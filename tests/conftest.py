@@ -14,6 +14,12 @@ from pathlib import Path
 import jax
 import pytest
 
+from runner.worker import use_one_thread
+
+# One XLA thread per process, as the curvbench command and every executor worker run
+# (run files must not depend on where a run trained); pytest -n 2 runs two of them.
+use_one_thread()
+
 # Most of the suite's time is XLA compilation of small programs (the dense references
 # run op by op). JAX's persistent compilation cache shares them between the pytest-xdist
 # workers and keeps them for the next run; compiled code is looked up by a hash of
