@@ -87,15 +87,18 @@ def _atomic_write(path: Path, write: Callable) -> None:
         raise
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, exact: bool = False) -> Any:
+    """Plain JSON values. JSON has no NaN or infinity: they become None (which
+    pandas reads back as NaN) or, ``exact``, ``{"__float__": "nan"}`` (restored by
+    :func:`_unexact`)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, exact) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, exact) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
-        return None  # JSON has no NaN; None reads back as NaN in pandas
+        return {"__float__": repr(value)} if exact else None
     return value
 
 
@@ -195,7 +198,7 @@ def write_resume(
     records come back exactly.
     """
     arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    blob = json.dumps(_exact(meta)).encode()
+    blob = json.dumps(_jsonable(meta, exact=True)).encode()
     arrays["meta"] = np.frombuffer(blob, np.uint8)
     target = resume_path(run_file, final)
     _write_arrays(target, arrays)
@@ -215,18 +218,6 @@ def read_resume(run_file: Path, final: bool = False) -> tuple[list[np.ndarray], 
         raise ResultsError(f"result file {path} is damaged: {err}") from None
     leaves = [arrays[k] for k in sorted(arrays)]
     return leaves, meta
-
-
-def _exact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _exact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_exact(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return {"__float__": repr(value)}
-    return value
 
 
 def _unexact(value: Any) -> Any:

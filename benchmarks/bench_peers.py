@@ -31,7 +31,6 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -40,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
+from timing import quick_option, rnn_problem
 
 from optimizers import Objective, loss_grads_and_states, make_optimizer
-from tasks import make_task
 from tasks.rnn import rnn_readout, rnn_states_scan
 
 LENGTH, BATCH, DAMPING = 100, 100, 1e-3
@@ -190,20 +189,12 @@ PAIRS = {  # ours -> the peers it is compared with
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    steps, rounds = (3, 3) if args.quick else (5, 5)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, one thread")
+    quick = quick_option(__doc__)
+    steps, rounds = (3, 3) if quick else (5, 5)
     print("| hidden | contestant | ms per step, median (min-max) | peer / ours |")
     print("|---|---|---|---|")
     for hidden in (50, 100):
-        task = make_task(
-            "temporal_order", length=LENGTH, hidden=hidden, batch_size=BATCH,
-            init="basic_tanh",
-        )  # fmt: skip
-        params = task.init(jax.random.PRNGKey(0))
-        batch = task.sample_batch(jax.random.PRNGKey(1))
+        task, params, batch = rnn_problem("temporal_order", hidden, LENGTH, BATCH)
         for k in (10, 50):
             runs = contestants(task, params, batch, k)
             if k == 50:  # the diagonal methods do not depend on k

@@ -32,7 +32,6 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
 
-import argparse
 import copy
 import functools
 import statistics
@@ -44,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from bench_hf import product_cost
+from timing import quick_option, rnn_problem
 
 from optimizers.curvature import gauss_newton_operator, hessian_operator
-from tasks import Task, make_task
+from tasks import Task
 from tasks.rnn import rnn_states_scan
 
 LENGTH, BATCH, LEARNING_RATE, THRESHOLD = 100, 20, 0.01, 1.0
@@ -176,23 +176,15 @@ def _spread(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    steps, rounds = (100, 3) if args.quick else (300, 5)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, one thread")
+    quick = quick_option(__doc__)
+    steps, rounds = (100, 3) if quick else (300, 5)
     print(
         "| hidden | contestant | steps/s median (min-max) | vs scan | vs torch eager "
         "| gradient ms | G v / gradient | H v / gradient |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for hidden in (50, 100):
-        task = make_task(
-            "addition", length=LENGTH, hidden=hidden, batch_size=BATCH,
-            init="basic_tanh",
-        )  # fmt: skip
-        params = task.init(jax.random.PRNGKey(0))
-        batch = task.sample_batch(jax.random.PRNGKey(1))
+        task, params, batch = rnn_problem("addition", hidden, LENGTH, BATCH)
         variants = {
             "scan": plain_scan_task(task),
             "custom rule": every_step_task(task),
@@ -207,7 +199,7 @@ def main() -> None:
         rates = steps_per_second(contestants, steps, rounds)
         costs = {}
         for name, variant in variants.items():
-            n = 10 if args.quick else 30
+            n = 10 if quick else 30
             timed = [
                 product_cost(variant, params, batch, n, op)
                 for op in (gauss_newton_operator, hessian_operator)

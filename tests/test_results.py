@@ -55,6 +55,7 @@ def test_run_file_is_versioned_and_round_trips(run_dir, tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
+        (b"", "is damaged"),
         (b"{not json", "is damaged"),
         (b"\xff\xfe\x00", "is damaged"),
         (b"[1, 2]", "not a JSON object"),
@@ -69,9 +70,10 @@ def test_damaged_run_file_names_the_file(tmp_path, content, message, capsys):
     with pytest.raises(ResultsError, match=message) as err:
         Results.load(tmp_path)
     assert "broken.json" in str(err.value)
-    assert main(["show", str(tmp_path)]) == 2
-    line = capsys.readouterr().err
-    assert line.count("\n") == 1 and "broken.json" in line
+    for command in (["show", str(tmp_path)], ["report", str(tmp_path)]):
+        assert main(command) == 2
+        line = capsys.readouterr().err
+        assert line.count("\n") == 1 and "broken.json" in line
 
 
 @pytest.mark.slow

@@ -173,3 +173,64 @@ def test_raising_steps_continues_the_finished_run(tmp_path, monkeypatch):
     starts.clear()
     assert_same_run(reference, _run(tmp_path / "c", steps=80).path)
     assert starts == [0]
+
+
+@pytest.mark.slow
+def test_compare_trains_damaged_runs_again(tmp_path):
+    from runner.compare import compare
+    from runner.config import parse_comparison
+
+    comparison = parse_comparison(
+        {
+            "seeds": 2,
+            "steps": 20,
+            "eval_every": 10,
+            "eval_size": 32,
+            "task": [{"name": "addition", **TINY}],
+            "optimizer": [{"name": "sgd_clip"}, {"name": "sgd", "label": "SGD"}],
+        }
+    )
+    first = compare(comparison, tmp_path / "a", False, "serial")
+    keep = tmp_path / "kept"
+    keep.mkdir()
+    for result in first.results:
+        for part in result.path.parent.glob(result.path.stem + ".*"):
+            (keep / part.name).write_bytes(part.read_bytes())
+    empty, truncated = (r.path for r in first.results)
+    empty.write_bytes(b"")  # an empty run file
+    params = truncated.with_suffix(".params.npz")
+    params.write_bytes(params.read_bytes()[:100])  # a truncated array file
+    with pytest.warns(UserWarning, match="training the run again") as caught:
+        again = compare(comparison, tmp_path / "a", False, "serial")
+    assert len(caught) == 2 and not again.failures
+    for result in again.results:
+        assert_same_run(keep / result.path.name, result.path)
+
+
+@pytest.mark.slow
+def test_two_commands_never_train_one_run_twice(tmp_path):
+    (tmp_path / "tagged.py").write_text(
+        "import os\nimport optax\n"
+        "def tagged(tag: int = 0, learning_rate: float = 0.01):\n"
+        "    with open(os.path.join(os.path.dirname(__file__), f'built-{tag}'), 'a')"
+        " as f:\n"
+        "        f.write(f'{os.getpid()}\\n')\n"
+        "    return optax.sgd(learning_rate)\n"
+    )  # fmt: skip
+    (tmp_path / "c.toml").write_text(
+        "seeds = 2\nsteps = 40\neval_every = 20\neval_size = 32\n"
+        '[[task]]\nname = "addition"\nlength = 10\nhidden = 6\nbatch_size = 8\n'
+        '[[optimizer]]\nname = "tagged:tagged"\ngrid = { tag = [1, 2, 3] }\n'
+    )
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "runner.cli", "compare", str(tmp_path / "c.toml"),
+           "--out", out, "--quiet", "--executor", "serial"]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    for tag in (1, 2, 3):
+        pids = set((tmp_path / f"built-{tag}").read_text().split())
+        assert len(pids) == 1, f"run {tag} was built by processes {pids}"
+    assert len(store.run_files(tmp_path / "out")) == 3

@@ -1,0 +1,171 @@
+"""Executors, batched grids and checkpoints: wall time, end to end.
+
+1. A 12-run grid (3 optimizers x 4 lengths of temporal order, short budgets) through
+   the ``serial`` executor (one run after another in this process) and through
+   ``local:1``, ``local:2`` and ``dask`` (a ``LocalCluster`` of 2 workers): wall time
+   of the whole comparison, compilation included, each with a cold compilation cache
+   of its own, as the ratio serial / executor. Target: >= 1.8x with two workers on two
+   cores.
+2. A batched 4-point learning-rate grid x 5 seeds against the same 4 runs trained
+   one by one (both in this process, cold in-process program cache): time ratio.
+3. Resume checkpoints: a run's training time with the default interval (300 s),
+   with a checkpoint after every chunk (the worst case) and with none. Target:
+   <= 3% at the default.
+4. Work lost to ``kill -9`` at a random moment of a run that saves every 2 s: the
+   age of the last checkpoint when the process died (at most one interval plus the
+   chunk in progress).
+
+Every process runs XLA on one thread, as the ``curvbench`` command does.
+
+    python benchmarks/bench_executors.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from runner.worker import use_one_thread
+
+use_one_thread()
+
+from timing import quick_option  # noqa: E402
+
+from analysis.results import resume_path  # noqa: E402
+from runner import run as run_module  # noqa: E402
+from runner.compare import compare  # noqa: E402
+from runner.config import parse_comparison  # noqa: E402
+from runner.executors import ExecutorConfig  # noqa: E402
+
+
+def grid(steps: int, lengths: list[int], optimizers: list[dict], **extra) -> dict:
+    return {
+        "name": "bench", "seeds": 2, "steps": steps, "eval_every": 100,
+        "eval_size": 200,
+        "task": [{"name": "temporal_order", "hidden": 32, "init": "basic_tanh",
+                  "grid": {"length": lengths}}],
+        "optimizer": optimizers, **extra,
+    }  # fmt: skip
+
+
+def executors(root: Path, steps: int) -> None:
+    data = grid(
+        steps,
+        [10, 20, 30, 40],
+        [
+            {"name": "sgd_clip", "learning_rate": 0.1},
+            {"name": "sgd_cr", "learning_rate": 0.1},
+            {"name": "adahessian", "every": 1},
+        ],
+    )
+    comparison = parse_comparison(data)
+    print(f"\n{len(comparison.runs)} runs, {steps} steps, 2 seeds each")
+    print("| executor | wall seconds | serial / executor |")
+    print("|---|---|---|")
+    base = None
+    for name in ("serial", "local:1", "local:2", "dask"):
+        spec = ExecutorConfig.parse(name)
+        workers = 2 if name == "dask" else spec.workers
+        cache = root / f"cache-{name}"
+        spec = ExecutorConfig(spec.kind, workers=workers, cache_dir=str(cache))
+        run_module._PROGRAMS.clear()  # the serial executor compiles like a new process
+        start = time.perf_counter()
+        outcome = compare(comparison, root / name.replace(":", ""), False, spec)
+        seconds = time.perf_counter() - start
+        assert not outcome.failures, outcome.failures
+        base = base or seconds
+        print(f"| {name} | {seconds:.1f} | {base / seconds:.2f}x |", flush=True)
+
+
+def batched(root: Path, steps: int) -> None:
+    data = grid(
+        steps,
+        [30],
+        [{"name": "sgd_clip", "grid": {"learning_rate": [0.03, 0.1, 0.3, 1.0]}}],
+        seeds=5,
+    )
+    comparison = parse_comparison(data)
+    times = {}
+    for batch in (False, True):
+        run_module._PROGRAMS.clear()
+        start = time.perf_counter()
+        out = root / f"batched-{batch}"
+        outcome = compare(comparison, out, False, "serial", batch_grid=batch)
+        times[batch] = time.perf_counter() - start
+        assert not outcome.failures
+    alone, together = times[False], times[True]
+    print(f"\n4-point learning-rate grid x 5 seeds, {steps} steps (compiling included)")
+    print("| 4 separate runs (s) | one batched program (s) | ratio |")
+    print("|---|---|---|")
+    print(f"| {alone:.1f} | {together:.1f} | {alone / together:.2f}x |")
+
+
+def checkpoints(root: Path, steps: int) -> None:
+    from runner.run import run
+
+    print(f"\nresume checkpoints, one run of 5 seeds, {steps} steps, eval every 100")
+    print("| resume_every_seconds | training seconds | overhead |")
+    print("|---|---|---|")
+    settings = {"none": None, "300 (default)": 300.0, "0 (every chunk)": 0.0}
+    base = None
+    for label, every in settings.items():
+        best = float("inf")
+        for attempt in range(2):
+            out = root / f"ckpt-{attempt}-{label.split()[0]}"
+            result = run(
+                "temporal_order", "sgd_clip", seeds=5, steps=steps, eval_every=100,
+                eval_size=200, task_hparams={"length": 30, "hidden": 50},
+                resume_every_seconds=every, out=out,
+            )  # fmt: skip
+            best = min(best, float(result.summary["run_seconds"].iloc[0]))
+        base = base or best
+        print(f"| {label} | {best:.2f} | {100 * (best / base - 1):+.1f}% |", flush=True)
+
+
+def killed(root: Path, rounds: int) -> None:
+    print("\nkill -9 at a random moment, resume_every_seconds = 2, eval every 100")
+    print("| killed after (s) | age of the last checkpoint (s) |")
+    print("|---|---|")
+    rng = random.Random(0)
+    for r in range(rounds):
+        out = root / f"killed-{r}"
+        cmd = [sys.executable, "-m", "runner.cli", "run", "--task", "temporal_order",
+               "--optimizer", "sgd_clip", "--seeds", "5", "--steps", "100000",
+               "-t", "length=30", "--eval-every", "100", "--eval-size", "200",
+               "--resume-every-seconds", "2", "--out", str(out), "--quiet"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.resume.npz")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        wait = rng.uniform(3.0, 10.0)
+        time.sleep(wait)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        (checkpoint,) = out.glob("*.resume.npz")
+        age = time.time() - checkpoint.stat().st_mtime
+        print(f"| {wait:.1f} after the first save | {age:.2f} |", flush=True)
+        assert resume_path(checkpoint.with_suffix("").with_suffix(".json")).exists()
+
+
+def main() -> None:
+    quick = quick_option(__doc__)
+    root = Path(tempfile.mkdtemp(prefix="curvbench-bench-"))
+    try:
+        executors(root, 300 if quick else 1000)
+        batched(root, 300 if quick else 2000)
+        checkpoints(root, 1000 if quick else 3000)
+        killed(root, 2 if quick else 5)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
