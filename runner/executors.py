@@ -213,43 +213,64 @@ def _died(indices: tuple[int, ...], reason: str) -> list[Outcome]:
 def _local(executor, setup, jobs, out, on_start, on_done) -> None:
     """A spawned process pool with at most ``workers`` jobs in flight.
 
-    Keeping no job queued inside the pool means that when a worker dies (the pool
-    breaks), the jobs in flight are exactly the ones that were training: only they
-    are charged an attempt; the pool is rebuilt and the rest go on.
+    No job waits inside the pool, so when a worker dies (the pool breaks) the jobs in
+    flight are exactly the ones that were training. The pool does not say whose
+    worker died: with one job in flight that job is charged an attempt; with several,
+    none is charged yet and they run again one at a time, where a death is charged to
+    the job that caused it. A job charged more than ``retries`` times is reported as
+    failed; every other job completes.
     """
     payloads = dict(jobs)
     queue = [indices for indices, _ in jobs]
     attempts = dict.fromkeys(queue, 0)
+    suspects: set = set()
     context = multiprocessing.get_context("spawn")
     while queue:
-        workers = min(executor.n_workers, len(queue))
+        isolate = any(job in suspects for job in queue)
+        if isolate:  # suspects first, one at a time
+            queue.sort(key=lambda job: job not in suspects)
+        workers = 1 if isolate else min(executor.n_workers, len(queue))
         with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
             in_flight: dict[cf.Future, tuple[int, ...]] = {}
-            broken = False
-            while (queue or in_flight) and not broken:
+            crashed: list[tuple[int, ...]] = []
+            while queue or in_flight:
                 while queue and len(in_flight) < workers:
+                    if isolate and queue[0] not in suspects:
+                        break
                     job = queue.pop(0)
                     on_start(job)
                     future = pool.submit(train_run, job, payloads[job], str(out), setup)
                     in_flight[future] = job
+                if not in_flight:
+                    break  # the suspects are cleared: back to a full pool
                 done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                 for future in done:
                     job = in_flight.pop(future)
                     try:
                         _report(future.result(), on_done)
+                        suspects.discard(job)
                     except cf.process.BrokenProcessPool as err:
-                        broken = True
-                        _retry_or_fail(executor, job, attempts, queue, on_done, err)
-            if broken:  # the other jobs in flight died with the pool
-                for future, job in in_flight.items():
-                    err = future.exception()
-                    if err is None:  # it had finished just before
-                        _report(future.result(), on_done)
-                    else:
-                        _retry_or_fail(executor, job, attempts, queue, on_done, err)
+                        crashed.append((job, err))
+                if crashed:
+                    break
+            # The other jobs in flight died with the pool (or had just finished).
+            for future, job in in_flight.items():
+                err = future.exception()
+                if err is None:
+                    _report(future.result(), on_done)
+                    suspects.discard(job)
+                else:
+                    crashed.append((job, err))
+        if len(crashed) == 1:
+            job, err = crashed[0]
+            _charge(executor, job, attempts, queue, on_done, err)
+        elif crashed:
+            suspects.update(job for job, _ in crashed)
+            queue[:0] = [job for job, _ in crashed]
 
 
-def _retry_or_fail(executor, job, attempts, queue, on_done, err) -> None:
+def _charge(executor, job, attempts, queue, on_done, err) -> None:
+    """Count a death against ``job``: run it again, or report it as failed."""
     attempts[job] += 1
     if attempts[job] <= executor.retries:
         queue.insert(0, job)  # again, first (it resumes from its checkpoint)
