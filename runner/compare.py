@@ -27,7 +27,7 @@ from analysis.results import (
 from runner.batching import batch_groups, execute_batch
 from runner.config import Comparison, RunConfig
 from runner.executors import ExecutorConfig, execute_all, pickled
-from runner.worker import Outcome
+from runner.worker import Outcome, setup
 from tasks.hparams import ConfigError
 
 
@@ -97,6 +97,7 @@ def compare(
     batched = comparison.batch_grid if batch_grid is None else batch_grid
     groups = batch_groups(comparison.runs, batched)
     if spec.kind == "serial":
+        setup(spec.worker_setup())  # this process is the worker: same cache
         return _serial(comparison, groups, out, disable)
     jobs = pickled(comparison.runs, groups)  # refuses unpicklable runs up front
     tracker = _Tracker(comparison, out, disable)

@@ -24,14 +24,15 @@ use_one_thread()
 # run op by op). JAX's persistent compilation cache shares them between the pytest-xdist
 # workers and keeps them for the next run; compiled code is looked up by a hash of
 # the program, so results are the same with or without it.
-jax.config.update(
-    "jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".jax_cache")
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-# Executor workers (spawned processes) share a cache under the same folder.
+# Executor workers (spawned processes) and the serial executor use the same cache:
+# runner.executors.default_cache_dir() is $CURVBENCH_CACHE/xla.
 os.environ.setdefault(
     "CURVBENCH_CACHE", str(Path(__file__).resolve().parents[1] / ".jax_cache")
 )
+jax.config.update(
+    "jax_compilation_cache_dir", str(Path(os.environ["CURVBENCH_CACHE"]) / "xla")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 #: The event JAX records once per XLA backend compilation.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

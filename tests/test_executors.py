@@ -2,17 +2,16 @@
 
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 from runs import assert_same_run
 
 from runner.compare import compare
 from runner.config import parse_comparison
-from runner.executors import ExecutorConfig, slurm_executor
+from runner.executors import ExecutorConfig, default_cache_dir, slurm_executor
 from tasks import ConfigError
 
-CACHE = str(Path(__file__).resolve().parents[1] / ".jax_cache")
+CACHE = default_cache_dir()  # the suite's cache (conftest sets CURVBENCH_CACHE)
 
 
 def _comparison(**extra):
