@@ -207,7 +207,7 @@ def _report(outcomes: list[Outcome], on_done: OnDone) -> None:
 
 
 def _died(indices: tuple[int, ...], reason: str) -> list[Outcome]:
-    return [Outcome(i, "?", reason, 0, 0, 0.0, 0.0) for i in indices]
+    return [Outcome(i, "?", reason, 0, 0) for i in indices]
 
 
 def _local(executor, setup, jobs, out, on_start, on_done) -> None:

@@ -138,8 +138,13 @@ def continuation(
     from analysis.results import read_run, resume_path, run_files
 
     ours = {k: v for k, v in described.items() if k not in ("steps", "run_id")}
+    # Run ids are "<readable part>-<digest>", and the readable part does not hold
+    # steps: only files with our readable part can be the same configuration.
+    prefix = described["run_id"].rsplit("-", 1)[0] + "-"
     best = None
     for file in run_files(out) if out.is_dir() else []:
+        if not file.name.startswith(prefix):
+            continue
         try:
             config = read_run(file)["config"]
         except ResultsError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import time
 from typing import Any, NamedTuple
 
 #: XLA flags that keep a worker on one thread (one worker per core).
@@ -75,8 +74,6 @@ class Outcome(NamedTuple):
     error: str | None  # None when the run file was written
     seeds: int
     solved: int
-    seconds: float  # wall time in the worker, compilation included
-    compile_seconds: float
 
 
 def train_run(
@@ -89,30 +86,22 @@ def train_run(
     exception becomes the outcomes' ``error``: a failing run costs only itself.
     """
     setup(config)
-    start = time.perf_counter()
     ids = ["?"] * len(indices)
     try:
         configs = pickle.loads(payload)
         ids = [c.run_id for c in configs]
-        from analysis.results import read_run
         from runner.batching import execute_batch
 
         results = execute_batch(configs, out)
-        outcomes = []
-        for index, run_id, result in zip(indices, ids, results, strict=True):
-            solved = int((result.summary["status"] == "solved").sum())
-            compile_seconds = float(read_run(result.path).get("compile_seconds", 0.0))
-            elapsed = time.perf_counter() - start
-            seeds = len(result.summary)
-            outcomes.append(
-                Outcome(index, run_id, None, seeds, solved, elapsed, compile_seconds)
-            )
-        return outcomes
+        return [
+            Outcome(index, run_id, None, len(result.summary),
+                    int((result.summary["status"] == "solved").sum()))
+            for index, run_id, result in zip(indices, ids, results, strict=True)
+        ]  # fmt: skip
     except Exception as err:  # reported with the runs, never raised
         error = f"{type(err).__name__}: {err}"
-        elapsed = time.perf_counter() - start
         return [
-            Outcome(index, run_id, error, 0, 0, elapsed, 0.0)
+            Outcome(index, run_id, error, 0, 0)
             for index, run_id in zip(indices, ids, strict=True)
         ]
 
