@@ -14,6 +14,10 @@ A results directory holds one comparison::
     <run_id>.final.npz         the same at the end of the run (a larger ``steps``
                                continues from it)
     <name>.growth.json         one growth experiment: configuration, rows, fits
+    <name>.tuning.json         a tuned comparison: settings, and per tuned optimizer
+                               and task configuration its trials (hyperparameters,
+                               scores, run ids) and the chosen one
+    tuning/                    the tuning trials' run files (a results directory)
 
 Every file is written atomically (a temporary file renamed into place), so a killed
 process never leaves half a file. Run files carry ``"format": FORMAT_VERSION``; files
@@ -47,6 +51,9 @@ from tasks.hparams import ConfigError
 FORMAT_VERSION = 2
 RUN_SUFFIX = ".json"
 GROWTH_SUFFIX = ".growth.json"
+TUNING_SUFFIX = ".tuning.json"
+#: Folder of a tuned comparison's trial runs, inside its results directory.
+TUNING_DIR = "tuning"
 #: Fields every run file has (whatever its version).
 _RUN_FIELDS = ("config", "summary", "records")
 
@@ -266,6 +273,19 @@ def write_growth(path: Path, config: dict, rows: pd.DataFrame, fits: pd.DataFram
     _write_json(Path(path), payload)
 
 
+def write_tuning(out_dir: str | Path, name: str, settings: dict, studies: list[dict]):
+    """Write ``<name>.tuning.json``: the tuning settings and every study.
+
+    A study is a dict: ``label``, ``optimizer``, ``task`` (name and
+    hyperparameters), ``space`` (as in the comparison file), ``trials`` (each:
+    ``trial``, ``run_id``, ``hparams`` (the tuned values), ``solved_fraction``,
+    ``median_cost``, ``final_loss``, ``error``), ``chosen`` (index into trials) and
+    ``run_id`` (the held-out run).
+    """
+    payload = {"format": FORMAT_VERSION, "settings": settings, "studies": studies}
+    _write_json(Path(out_dir) / f"{name}{TUNING_SUFFIX}", payload)
+
+
 # ---------------------------------------------------------------------------- reading
 def _read_json(path: Path, fields: tuple[str, ...]) -> dict:
     try:
@@ -311,12 +331,50 @@ def _files(path: Path, suffix: str, exclude: tuple[str, ...] = ()) -> list[Path]
 
 def run_files(path: str | Path) -> list[Path]:
     """The run files of a results directory (or the single run file given)."""
-    return _files(Path(path), RUN_SUFFIX, exclude=(GROWTH_SUFFIX,))
+    return _files(Path(path), RUN_SUFFIX, exclude=(GROWTH_SUFFIX, TUNING_SUFFIX))
 
 
 def growth_files(path: str | Path) -> list[Path]:
     """The growth files of a results directory (or the single file given)."""
     return _files(Path(path), GROWTH_SUFFIX)
+
+
+def tuning_files(path: str | Path) -> list[Path]:
+    """The tuning files of a results directory (none for a single run file)."""
+    path = Path(path)
+    return _files(path, TUNING_SUFFIX) if path.is_dir() else []
+
+
+def load_tuning(path: str | Path) -> pd.DataFrame:
+    """Every trial of every tuning file under ``path``: one row per trial.
+
+    Columns: ``label``, ``optimizer_name``, ``task`` and the task's
+    hyperparameters, ``trial``, ``run_id``, ``chosen`` (bool), the scores
+    (``solved_fraction``, ``median_cost``, ``final_loss``), ``criterion``,
+    ``error``, and one ``hp_<name>`` column per tuned hyperparameter.
+    """
+    rows = []
+    for file in tuning_files(path):
+        payload = _read_json(file, ("settings", "studies"))
+        settings = payload["settings"]
+        try:
+            for study in payload["studies"]:
+                task = dict(study["task"])
+                for i, trial in enumerate(study["trials"]):
+                    row = {
+                        "label": study["label"],
+                        "optimizer_name": study["optimizer"],
+                        "task": task.get("name"),
+                        **{k: v for k, v in task.items() if k != "name"},
+                        "criterion": settings.get("criterion"),
+                        "chosen": i == study["chosen"],
+                        **{k: v for k, v in trial.items() if k != "hparams"},
+                        **{f"hp_{k}": v for k, v in trial["hparams"].items()},
+                    }
+                    rows.append(row)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ResultsError(f"result file {file} is damaged: {err!r}") from None
+    return pd.DataFrame(rows)
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
@@ -487,6 +545,11 @@ class Results:
     def probes(self) -> pd.DataFrame:
         """Curvature probes: one row per run, seed and probe (empty without)."""
         return _tidy(self.runs, "probes")
+
+    @cached_property
+    def tuning(self) -> pd.DataFrame:
+        """Tuning trials, one row per trial (empty for an untuned comparison)."""
+        return load_tuning(self.path)
 
     @property
     def labels(self) -> list[str]:

@@ -6,27 +6,34 @@ Every run of the comparison was validated when it was read
 in this process). A run whose file already exists in the results directory (same
 configuration, hence same run id) is loaded instead of trained again, and a run
 interrupted mid-way resumes from its last checkpoint (:mod:`runner.resume`), so an
-interrupted comparison resumes where it stopped. A run that fails (a plug-in that
+interrupted comparison resumes where it stopped. A comparison with a ``[tuning]``
+table first trains its tuning trials, then the chosen configurations on the held-out
+seeds (:mod:`runner.tuning`). A run that fails (a plug-in that
 raises, a worker that dies) costs only itself: the others still run and write their
 files, and the failure is reported with its reason.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
 from analysis.results import (
+    TUNING_DIR,
     RunResult,
     load_result,
     remove_stale_temporaries,
     run_path,
+    write_tuning,
 )
 from runner.batching import batch_groups, execute_batch
 from runner.config import Comparison, RunConfig
 from runner.executors import ExecutorConfig, execute_all, pickled
+from runner.tuning import Study, choose, trial_score
 from runner.worker import Outcome, setup
 from tasks.hparams import ConfigError
 
@@ -92,15 +99,25 @@ def compare(
     """
     out = results_dir(comparison, out)
     spec = comparison.executor if executor is None else ExecutorConfig.parse(executor)
-    remove_stale_temporaries(out)
     disable = None if progress is None else not progress
     batched = comparison.batch_grid if batch_grid is None else batch_grid
-    groups = batch_groups(comparison.runs, batched)
+    execute = functools.partial(_execute, spec=spec, batched=batched, disable=disable)
+    if comparison.studies:
+        return _tuned(comparison, out, execute)
+    return execute(comparison.name, comparison.runs, out)
+
+
+def _execute(
+    name: str, runs: tuple[RunConfig, ...], out: Path, *, spec, batched, disable
+) -> CompareOutcome:
+    """Train ``runs`` (those without a file in ``out``) on the executor."""
+    remove_stale_temporaries(out)
+    groups = batch_groups(runs, batched)
     if spec.kind == "serial":
         setup(spec.worker_setup())  # this process is the worker: same cache
-        return _serial(comparison, groups, out, disable)
-    jobs = pickled(comparison.runs, groups)  # refuses unpicklable runs up front
-    tracker = _Tracker(comparison, out, disable)
+        return _serial(name, runs, groups, out, disable)
+    jobs = pickled(runs, groups)  # refuses unpicklable runs up front
+    tracker = _Tracker(name, runs, out, disable)
     try:
         execute_all(spec, jobs, out, tracker.started, tracker.finished)
     finally:
@@ -108,18 +125,70 @@ def compare(
     return CompareOutcome(out, tracker.results(), tracker.failures)
 
 
-def _serial(comparison: Comparison, groups, out: Path, disable) -> CompareOutcome:
+def _tuned(comparison: Comparison, out: Path, execute: Callable) -> CompareOutcome:
+    """Tune (trials on the tuning seeds), choose, then train the held-out runs.
+
+    The trials go to ``out/tuning``; ``<name>.tuning.json`` records every trial's
+    score and the choice (:mod:`runner.tuning`); the comparison's untuned runs and
+    the chosen configurations on the held-out seeds go to ``out``.
+    """
+    tuning = comparison.tuning
+    trials = tuple(t for study in comparison.studies for t in study.trials)
+    tried = execute(f"{comparison.name} tuning", trials, out / TUNING_DIR)
+    done = {r.config["run_id"]: r for r in tried.results}
+    errors = {f.run_id: f.error for f in tried.failures}
+    studies, chosen = [], []
+    for study in comparison.studies:
+        scores = [
+            trial_score(
+                done[t.run_id].summary if t.run_id in done else None,
+                done[t.run_id].records if t.run_id in done else None,
+                tuning.criterion,
+            )
+            for t in study.trials
+        ]
+        best = choose(scores, tuning.criterion)
+        chosen.append(study.held_out[best])
+        studies.append(_study_record(study, scores, best, errors))
+    write_tuning(out, comparison.name, tuning.describe(), studies)
+    final = execute(comparison.name, comparison.runs + tuple(chosen), out)
+    return CompareOutcome(out, final.results, tried.failures + final.failures)
+
+
+def _study_record(study: Study, scores: list[dict], best: int, errors: dict) -> dict:
+    """A study as the tuning file stores it (:func:`analysis.results.write_tuning`)."""
+    first = study.trials[0].describe()
+    trials = []
+    for i, (trial, point, score) in enumerate(
+        zip(study.trials, study.points, scores, strict=True)
+    ):
+        row = {"trial": i + 1, "run_id": trial.run_id, "hparams": point, **score}
+        trials.append({**row, "error": errors.get(trial.run_id)})
+    return {
+        "label": study.label,
+        "optimizer": first["optimizer"]["name"],
+        "task": first["task"],
+        "space": study.space.describe(),
+        "trials": trials,
+        "chosen": best,
+        "run_id": study.held_out[best].run_id,
+    }
+
+
+def _serial(
+    name: str, runs: tuple[RunConfig, ...], groups, out: Path, disable
+) -> CompareOutcome:
     """In this process, one run (or batch) after another, with a bar for each."""
     results, failures = {}, []
-    bar_runs = tqdm(
-        total=len(comparison.runs), desc=comparison.name, unit="run", disable=disable
-    )
+    bar_runs = tqdm(total=len(runs), desc=name, unit="run", disable=disable)
     for group in groups:
-        configs = [comparison.runs[i] for i in group]
-        name = _describe(configs[0]) + (f" +{len(group) - 1}" if len(group) > 1 else "")
-        bar_runs.set_postfix_str(name)
+        configs = [runs[i] for i in group]
+        label = _describe(configs[0]) + (
+            f" +{len(group) - 1}" if len(group) > 1 else ""
+        )
+        bar_runs.set_postfix_str(label)
         with tqdm(
-            total=configs[0].options.steps, desc=name, unit="step", leave=False,
+            total=configs[0].options.steps, desc=label, unit="step", leave=False,
             disable=disable,
         ) as bar:  # fmt: skip
             try:
@@ -142,14 +211,16 @@ def _failure(config: RunConfig, error: str) -> RunFailure:
 class _Tracker:
     """Progress of a comparison on an executor: done, running, failed, solved."""
 
-    def __init__(self, comparison: Comparison, out: Path, disable) -> None:
-        self.comparison, self.out = comparison, out
+    def __init__(
+        self, name: str, runs: tuple[RunConfig, ...], out: Path, disable
+    ) -> None:
+        self.runs, self.out = runs, out
         self.running: set[int] = set()
         self.done: list[int] = []
         self.failures: list[RunFailure] = []
         self.solved = self.seeds = 0
         self.bar = tqdm(
-            total=len(comparison.runs), desc=comparison.name, unit="run",
+            total=len(runs), desc=name, unit="run",
             disable=disable,
         )  # fmt: skip
 
@@ -165,7 +236,7 @@ class _Tracker:
 
     def finished(self, outcome: Outcome) -> None:
         self.running.discard(outcome.index)
-        config = self.comparison.runs[outcome.index]
+        config = self.runs[outcome.index]
         if outcome.error is None:
             self.done.append(outcome.index)
             self.solved += outcome.solved
@@ -177,7 +248,7 @@ class _Tracker:
 
     def results(self) -> list[RunResult]:
         """The finished runs, read from their files, in the comparison's order."""
-        runs = self.comparison.runs
         return [
-            load_result(run_path(self.out, runs[i].run_id)) for i in sorted(self.done)
+            load_result(run_path(self.out, self.runs[i].run_id))
+            for i in sorted(self.done)
         ]

@@ -49,6 +49,7 @@ import optax
 from optimizers.registry import check_optimizer, resolve_optimizer, traced_names
 from runner.executors import ExecutorConfig
 from runner.options import RunOptions, option_specs
+from runner.tuning import SearchSpace, Study, TuningSpec, parse_tuning
 from tasks.base import Task
 from tasks.hparams import ConfigError
 from tasks.plugins import add_plugin_folder
@@ -57,9 +58,10 @@ from tasks.registry import check_task, make_task
 #: Fields of a comparison file besides the run options.
 COMPARISON_FIELDS = (
     "name", "description", "out", "task", "optimizer", "executor", "batch_grid",
+    "tuning",
 )  # fmt: skip
 #: Keys of a [[task]] or [[optimizer]] table that are not hyperparameters.
-_ENTRY_KEYS = ("name", "label", "grid", "task")
+_ENTRY_KEYS = ("name", "label", "grid", "task", "search")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -239,6 +241,8 @@ class Comparison:
     description: str = ""
     executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
     batch_grid: bool = False
+    tuning: TuningSpec | None = None
+    studies: tuple[Study, ...] = ()  # tuned optimizers (:mod:`runner.tuning`)
 
 
 def _string(table: dict, key: str, where: str) -> str | None:
@@ -300,10 +304,25 @@ def _task_entries(data: dict) -> list[tuple[str, dict]]:
     return tasks
 
 
-def _optimizer_entries(data: dict) -> list[tuple[str, dict, str, dict, dict]]:
+def _search(entry: dict, where: str, tuned: bool) -> SearchSpace | None:
+    if "search" not in entry:
+        return None
+    if not tuned:
+        raise ConfigError(f"{where}: 'search' needs a [tuning] table in the file")
+    if "grid" in entry:
+        raise ConfigError(f"{where}: give either 'grid' or 'search', not both")
+    space = SearchSpace.parse(entry["search"], where)
+    fixed = [d.name for d in space.dims if d.name in entry]
+    if fixed:
+        raise ConfigError(f"{where}: {fixed[0]!r} is both fixed and in 'search'")
+    return space
+
+
+def _optimizer_entries(data: dict, tuned: bool = False) -> list[tuple]:
     optimizers = []
     for entry in _entries(data, "optimizer"):
         where = f"optimizer {entry['name']!r}"
+        space = _search(entry, where, tuned)
         own, rest = _split(entry)
         overrides = rest.get("task", {})
         if not isinstance(overrides, dict):
@@ -316,7 +335,7 @@ def _optimizer_entries(data: dict) -> list[tuple[str, dict, str, dict, dict]]:
         for hparams in _grid(rest, where):
             swept = [f"{k}={hparams[k]}" for k in entry.get("grid", {})]
             label = " ".join([base, *swept])
-            optimizers.append((entry["name"], hparams, label, own, overrides))
+            optimizers.append((entry["name"], hparams, label, own, overrides, space))
     labels = [opt[2] for opt in optimizers]
     duplicate = next((x for x in labels if labels.count(x) > 1), None)
     if duplicate:
@@ -350,21 +369,24 @@ def parse_comparison(
     out = _string(data, "out", "comparison field")
     description = _string(data, "description", "comparison field") or ""
     file_options, _ = _split(data)
-    runs = []
-    for (t_name, t_hp), (o_name, o_hp, label, own, over) in itertools.product(
-        _task_entries(data), _optimizer_entries(data)
+    tuning = None
+    if "tuning" in data:
+        held_out = RunOptions.from_dict({**file_options, **(overrides or {})}).seeds
+        tuning = parse_tuning(data["tuning"], held_out, tuple(option_specs()))
+    runs, studies = [], []
+    for (t_name, t_hp), (o_name, o_hp, label, own, over, space) in itertools.product(
+        _task_entries(data), _optimizer_entries(data, tuning is not None)
     ):
-        options = {**file_options, **own, **(overrides or {})}
-        try:
-            config = run_config(
-                t_name, o_name, task_hparams={**t_hp, **over}, opt_hparams=o_hp,
-                label=label, **options,
-            )  # fmt: skip
-        except ConfigError as err:
-            raise ConfigError(
-                f"optimizer {label!r} on task {t_name!r}: {err}"
-            ) from None
-        runs.append(config)
+        base = _RunBase(t_name, {**t_hp, **over}, o_name, o_hp)
+        layers = (file_options, own, overrides or {})
+        if space is None:
+            runs.append(base.build(label, _merged(*layers)))
+        else:
+            studies.append(_study(tuning, space, label, base, layers))
+    if tuning is not None and not studies:
+        raise ConfigError(
+            "a [tuning] table needs at least one [[optimizer]] with a 'search' space"
+        )
     executor = data.get("executor")
     if executor is not None and not isinstance(executor, dict | str):
         raise ConfigError(
@@ -377,7 +399,66 @@ def parse_comparison(
             f"comparison field 'batch_grid' = {batch_grid!r} must be true or false"
         )
     executor = ExecutorConfig.parse(executor)
-    return Comparison(name, tuple(runs), out, description, executor, batch_grid)
+    return Comparison(
+        name, tuple(runs), out, description, executor, batch_grid, tuning,
+        tuple(studies),
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunBase:
+    """What the runs of one task x optimizer entry share."""
+
+    task: str
+    task_hparams: dict
+    optimizer: str
+    hparams: dict
+
+    def build(self, label: str, options: dict, point: dict | None = None) -> RunConfig:
+        try:
+            return run_config(
+                self.task, self.optimizer, task_hparams=self.task_hparams,
+                opt_hparams={**self.hparams, **(point or {})}, label=label, **options,
+            )  # fmt: skip
+        except ConfigError as err:
+            raise ConfigError(
+                f"optimizer {label!r} on task {self.task!r}: {err}"
+            ) from None
+
+
+def _merged(*layers: dict) -> dict:
+    out: dict = {}
+    for layer in layers:
+        out.update(layer)
+    return out
+
+
+def _study(
+    tuning: TuningSpec, space: SearchSpace, label: str, base: _RunBase, layers: tuple
+) -> Study:
+    """The trials of one tuned optimizer on one task configuration (validated).
+
+    Trials take the file's run options, then the [tuning] table's, then the
+    optimizer's own, then the command line's, and always the tuning seeds.
+    """
+    file_options, own, overrides = layers
+    options = _merged(file_options, own, overrides)
+    held_out_seeds = RunOptions.from_dict(options).seeds
+    shared = sorted(set(held_out_seeds) & set(tuning.seeds))
+    if shared:
+        raise ConfigError(
+            f"optimizer {label!r}: held-out seed {shared[0]} is also a tuning seed"
+        )
+    trial_options = _merged(
+        file_options, tuning.options, own, overrides, {"seeds": list(tuning.seeds)}
+    )
+    points = tuple(space.points(tuning.trials, tuning.sampler, tuning.seed))
+    trials = tuple(
+        base.build(f"{label} trial {i + 1}", trial_options, point)
+        for i, point in enumerate(points)
+    )
+    held_out = tuple(base.build(label, options, point) for point in points)
+    return Study(label, space, points, trials, held_out)
 
 
 def read_comparison(path: str | Path, overrides: dict | None = None) -> Comparison:
