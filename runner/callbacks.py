@@ -3,7 +3,7 @@
 Each is a small object with ``on_start(run)`` and ``on_chunk(run, chunk)`` (see
 :class:`runner.loop.Callback`); curvature probes are
 :class:`runner.probing.ProbeCallback`. :func:`runner.run.run` lists them in this
-order: success test, records, probes, checkpoints, progress.
+order: success test, work budget, records, probes, checkpoints, progress.
 """
 
 from __future__ import annotations
@@ -58,6 +58,29 @@ class SuccessTest:
         updates = np.asarray(run.state.updates)
         for i in chunk.newly_solved:
             run.solved_at[i] = (int(updates[i]), run.seconds)
+
+
+class WorkBudget:
+    """Retire seeds whose work has reached ``budget`` gradient-equivalents.
+
+    Checked after each chunk (after the success test), so a seed may overshoot the
+    budget by less than one chunk's work. A retired seed that was not solved ends
+    ``unsolved``: it did not solve the task within the budget.
+    """
+
+    def __init__(self, budget: float | None) -> None:
+        self.budget = budget
+
+    def on_start(self, run: RunState) -> None:
+        pass
+
+    def on_chunk(self, run: RunState, chunk: Chunk) -> None:
+        if self.budget is None:
+            return
+        spent = np.asarray(chunk.summary["grad_equivalents"]) >= self.budget
+        active = np.asarray(run.state.active)
+        if (spent & active).any():
+            run.state = run.state._replace(active=run.state.active & ~spent)
 
 
 class Records:

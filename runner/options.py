@@ -44,6 +44,12 @@ class RunOptions:
         5, "number of seeds (0..n-1) or a list of distinct non-negative seeds"
     )
     steps: Steps = _option(1000, "maximum updates per seed")
+    work_budget: Annotated[float, Range(0, 1e18, low_open=True)] | None = _option(
+        None,
+        "retire a seed once its work reaches this many gradient-equivalents "
+        "(checked after each chunk of eval_every steps): an equal budget for every "
+        "optimizer",
+    )
     eval_every: Steps = _option(
         100, "steps per compiled chunk; evaluation and success test follow each"
     )

@@ -146,11 +146,13 @@ def run_callbacks(
     resume_id: str,
     progress: Any = None,
 ) -> list:
-    """The callbacks of a run, in order: success test, records, probes, checkpoints,
-    resume checkpoints (under ``resume_id``), progress. ``seeds`` label the rows."""
+    """The callbacks of a run, in order: success test, work budget, records, probes,
+    checkpoints, resume checkpoints (under ``resume_id``), progress. ``seeds`` label
+    the rows."""
     task, opts = config.task, config.options
     callbacks = [
         cb.SuccessTest(task, program.success),
+        cb.WorkBudget(opts.work_budget),
         cb.Records(task, seeds, opts.record_steps),
     ]
     if opts.probe_every is not None:

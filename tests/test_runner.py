@@ -148,6 +148,18 @@ def test_solved_seed_stops_counting():
 
 
 @pytest.mark.slow
+def test_work_budget_retires_seeds_after_the_chunk_that_reaches_it():
+    # Plain SGD does exactly one gradient per update, so a budget of 25
+    # gradient-equivalents is reached in the third chunk of 10 steps: both seeds stop
+    # there, unsolved, although 100 steps were allowed.
+    result = _tiny_run(optimizer="sgd", steps=100, eval_every=10, work_budget=25.0)
+    assert (result.summary.updates == 30).all()
+    assert list(result.summary.status) == ["unsolved", "unsolved"]
+    assert result.records.step.max() == 30
+    assert result.records.groupby("seed").grad_equivalents.max().tolist() == [30, 30]
+
+
+@pytest.mark.slow
 def test_step_limit_not_multiple_of_chunk():
     result = _tiny_run(steps=50, eval_every=20)
     assert result.records.step.max() == 50  # three chunks, the last one partial
