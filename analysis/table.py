@@ -1,12 +1,15 @@
-"""The comparison table: success rate and steps, gradients and seconds to solve."""
+"""The comparison table: success rate and work to solve, with 95% intervals."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.results import Results
+from analysis.sensitivity import format_tuning
+from analysis.stats import interval_columns, time_to_target
 
 #: Configuration columns that never define a group on their own.
 _NOT_KEYS = {
@@ -77,13 +80,24 @@ _SUMMARY_FIELDS = {
 }
 
 
-def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
+def comparison_table(
+    summary: pd.DataFrame,
+    records: pd.DataFrame | None = None,
+    target: tuple[str, float] | None = None,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
     """Aggregate per-seed outcomes into one row per configuration.
 
-    Columns: seeds, solved, success rate, median updates / gradient-equivalents /
-    seconds to solve (over solved seeds), diverged seeds, run seconds.
-    ``median_seq_grads`` is gradient-equivalents times the batch size (work in
-    single-sequence gradients), comparable across optimizers with different batches.
+    Columns: seeds, solved, success rate with its Wilson interval (``success_lo``,
+    ``success_hi``), median updates / gradient-equivalents / seconds to solve over
+    the solved seeds with percentile-bootstrap intervals (``steps_lo``, ...;
+    :func:`analysis.stats.interval_columns`), ``median_seq_grads``
+    (gradient-equivalents times the batch size: work in single-sequence gradients,
+    comparable across optimizers with different batches), diverged seeds, run
+    seconds. With ``target = (column, value)`` and the ``records``: the median
+    updates and gradient-equivalents until ``column`` first fell to ``value`` at an
+    evaluation (``updates_to_target``, ``grad_equiv_to_target``, over all seeds,
+    a seed that never reached it counting as infinite) and how many seeds reached it.
     """
     if summary.empty:
         return pd.DataFrame()
@@ -96,40 +110,86 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
         summary[col] = pd.to_numeric(summary.get(col), errors="coerce")
     batch = pd.to_numeric(summary.get("batch_size", 1), errors="coerce")
     summary["sequence_grads"] = summary["grad_equivalents_to_solve"] * batch
+    table = interval_columns(summary, keys, confidence)
     grouped = summary.groupby(keys, sort=True, dropna=False)
-    table = pd.DataFrame(
-        {
-            "seeds": grouped.size(),
-            "solved": grouped["status"].agg(lambda s: int((s == "solved").sum())),
-            "success_rate": grouped["status"].agg(
-                lambda s: float((s == "solved").mean())
-            ),
-            "median_steps": grouped["steps_to_solve"].median(),
-            "median_grad_equiv": grouped["grad_equivalents_to_solve"].median(),
-            "median_seq_grads": grouped["sequence_grads"].median(),
-            "median_seconds": grouped["seconds_to_solve"].median(),
-            "diverged": grouped["status"].agg(lambda s: int((s == "diverged").sum())),
-            "run_seconds": grouped["run_seconds"].max(),
-        }
-    )
-    table = table.reset_index()
+    solved = summary["status"] == "solved"
+    extra = {
+        "median_seq_grads": summary["sequence_grads"].where(solved).groupby(
+            [summary[k] for k in keys], sort=True, dropna=False
+        ).median(),
+        "diverged": grouped["status"].agg(lambda s: int((s == "diverged").sum())),
+        "run_seconds": grouped["run_seconds"].max(),
+    }  # fmt: skip
+    for name, values in extra.items():
+        table[name] = values.to_numpy()
+    order = [*keys, "seeds", "solved", "success_rate", "success_lo", "success_hi"]
+    for name in ("steps", "grad_equiv"):
+        order += [f"median_{name}", f"{name}_lo", f"{name}_hi"]
+    order += ["median_seq_grads", "median_seconds", "seconds_lo", "seconds_hi"]
+    table = table[[*order, "diverged", "run_seconds"]]
+    if target is not None and records is not None and not records.empty:
+        table = _with_target(table, records, keys, target)
     return table.drop(columns="config_digest", errors="ignore")
 
 
+def _with_target(
+    table: pd.DataFrame, records: pd.DataFrame, keys: list[str], target: tuple
+) -> pd.DataFrame:
+    column, value = target
+    if column not in records.columns:
+        raise ValueError(
+            f"target column {column!r} is not in the records; valid: eval_loss, "
+            "eval_error, loss"
+        )
+    parts = []
+    for cost in ("updates", "grad_equivalents"):
+        reached = time_to_target(records, value, column, cost)
+        have = [k for k in keys if k in reached.columns]
+        parts.append(
+            reached.groupby(have, sort=True, dropna=False)[f"{cost}_to_target"].median()
+        )
+    parts.append(reached.groupby(have, sort=True, dropna=False)["reached"].sum())
+    frame = pd.concat(parts, axis=1).reset_index()
+    frame.columns = [*have, "updates_to_target", "grad_equiv_to_target", "reached"]
+    return table.merge(frame, on=have, how="left")
+
+
 def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
-    """Plain text or Markdown (medians over solved seeds; '-' when none solved)."""
+    """Plain text or Markdown: medians over solved seeds ('-' when none solved),
+    95% intervals in brackets (success: Wilson; medians: bootstrap over seeds)."""
     if table.empty:
         return "(no runs)"
     shown = table.copy()
     shown["success_rate"] = shown["success_rate"].map(lambda x: f"{x:.0%}")
+    shown.insert(
+        shown.columns.get_loc("success_rate") + 1,
+        "success_95",
+        [f"[{lo:.0%}, {hi:.0%}]" for lo, hi in zip(
+            table["success_lo"], table["success_hi"], strict=True)],
+    )  # fmt: skip
+    for name in ("steps", "grad_equiv"):
+        shown.insert(
+            shown.columns.get_loc(f"median_{name}") + 1,
+            f"{name}_95",
+            [_bracket(lo, hi) for lo, hi in zip(
+                table[f"{name}_lo"], table[f"{name}_hi"], strict=True)],
+        )  # fmt: skip
+    hidden = [f"{n}_{e}" for n in ("success", "steps", "grad_equiv", "seconds")
+              for e in ("lo", "hi")]  # fmt: skip
+    shown = shown.drop(columns=hidden)
     for col, fmt in (
         ("median_steps", "{:.0f}"),
         ("median_grad_equiv", "{:.0f}"),
         ("median_seq_grads", "{:.3g}"),
         ("median_seconds", "{:.1f}"),
         ("run_seconds", "{:.1f}"),
+        ("updates_to_target", "{:.0f}"),
+        ("grad_equiv_to_target", "{:.0f}"),
     ):
-        shown[col] = shown[col].map(lambda x, f=fmt: "-" if pd.isna(x) else f.format(x))
+        if col in shown.columns:
+            shown[col] = shown[col].map(
+                lambda x, f=fmt: "-" if pd.isna(x) or np.isinf(x) else f.format(x)
+            )
     if not markdown:
         return shown.to_string(index=False)
     rows = [list(shown.columns), ["---"] * len(shown.columns)]
@@ -137,8 +197,23 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
-def show(results: Results | str | Path, markdown: bool = False) -> str:
-    """The formatted comparison table of a results directory (or loaded results)."""
+def _bracket(lo: float, hi: float) -> str:
+    if pd.isna(lo):
+        return "-"
+    hi_text = "inf" if np.isinf(hi) else f"{hi:.0f}"
+    return f"[{lo:.0f}, {hi_text}]"
+
+
+def show(
+    results: Results | str | Path,
+    markdown: bool = False,
+    target: tuple[str, float] | None = None,
+) -> str:
+    """The formatted comparison table of a results directory (or loaded results),
+    followed by what tuning chose when the comparison was tuned."""
     if not isinstance(results, Results):
         results = Results.load(results)
-    return format_table(comparison_table(results.summary), markdown)
+    records = results.records if target is not None else None
+    text = format_table(comparison_table(results.summary, records, target), markdown)
+    tuning = format_tuning(results.tuning, markdown)
+    return text + ("\n\n" + tuning if tuning else "")
