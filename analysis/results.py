@@ -374,7 +374,12 @@ def load_tuning(path: str | Path) -> pd.DataFrame:
                     rows.append(row)
         except (KeyError, TypeError, AttributeError) as err:
             raise ResultsError(f"result file {file} is damaged: {err!r}") from None
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:  # JSON has no infinity: null scores are "never reached"
+        cost = frame["criterion"] != "eval_loss"
+        frame.loc[cost, "median_cost"] = frame.loc[cost, "median_cost"].fillna(np.inf)
+        frame["final_loss"] = frame["final_loss"].fillna(np.inf)
+    return frame
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
