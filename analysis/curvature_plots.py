@@ -12,7 +12,8 @@ along training runs) and :mod:`analysis.growth` (growth experiments), with the f
 - :func:`growth_plot`: ``||g||``, ``|c_H|`` and ``c_G`` against length or radius with
   the fitted exponential growth rates;
 - :func:`spectrum_plot`: the Hessian spectral density (stochastic Lanczos quadrature)
-  and the top eigenvalue along training.
+  and the top eigenvalue along training (against updates, gradient-equivalents or
+  seconds: :func:`probe_x` reads the work and time of a probe off the records).
 
 Logarithms in fits are natural: a rate ``r`` means ``|q| ~ C exp(r x)``.
 """
@@ -28,14 +29,20 @@ from matplotlib.lines import Line2D
 from analysis.fit import fit_smoothness, loglog_slope
 from analysis.plots import (
     LABELS,
+    SEED_KEYS,
     Palette,
+    all_positive,
     band_text,
+    check_x,
+    curve_notes,
     finite,
     log_if_positive,
     new_figure,
     optimizer_palette,
     panel_groups,
     require_columns,
+    seed_curves,
+    seed_lines,
 )
 
 #: Curvature choices of :func:`curvature_ratio`: column and axis label.
@@ -279,12 +286,53 @@ def _last_probes(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.sort_values("step").groupby(keys, sort=False).tail(1)
 
 
+def probe_x(probes: pd.DataFrame, records: pd.DataFrame, x: str) -> pd.Series:
+    """The ``x`` (:data:`analysis.plots.X_AXES`) of every probe, from the records.
+
+    ``step`` is the probe's own. Work and seconds are read off the same seed's
+    records (matched on :data:`analysis.plots.SEED_KEYS`), interpolated linearly in
+    the step between its evaluations from ``(step 0, x 0)``: a periodic probe falls
+    on an evaluation, an explosion probe between two. NaN for a probe whose seed has
+    no records.
+    """
+    check_x(x)
+    if x == "step":
+        return probes["step"].astype(float)
+    require_columns(records, ["step", x, "seed"], "probe_x records")
+    keys = [k for k in SEED_KEYS if k in probes.columns and k in records.columns]
+    out = pd.Series(np.nan, index=probes.index, dtype=float)
+    seeds = dict(list(records.sort_values("step").groupby(keys, sort=False)))
+    for key, rows in probes.groupby(keys, sort=False):
+        mine = seeds.get(key)
+        if mine is None:
+            continue
+        steps = np.concatenate([[0.0], mine["step"].to_numpy(float)])
+        work = np.concatenate([[0.0], pd.to_numeric(mine[x]).to_numpy(float)])
+        out[rows.index] = np.interp(rows["step"].to_numpy(float), steps, work)
+    return out
+
+
+def _mark_solved(probes: pd.DataFrame, records: pd.DataFrame | None) -> pd.DataFrame:
+    """``probes`` with ``status = "solved"`` for the seeds the records saw solved."""
+    if records is None or "status" not in records.columns or probes.empty:
+        return probes
+    keys = [k for k in SEED_KEYS if k in probes.columns and k in records.columns]
+    solved = records.loc[records["status"] == "solved", keys].drop_duplicates()
+    marked = probes.drop(columns="status", errors="ignore").merge(
+        solved.assign(status="solved"), on=keys, how="left"
+    )
+    marked.index = probes.index
+    return marked
+
+
 def spectrum_plot(
     probes: pd.DataFrame,
     palette: Palette | None = None,
     band: float = 100,
     grid_size: int = 400,
     floor: float = 1e-6,
+    records: pd.DataFrame | None = None,
+    x: str = "step",
 ) -> Figure:
     """Hessian spectral density at the end of training and top eigenvalue along it.
 
@@ -294,16 +342,25 @@ def spectrum_plot(
     spectral_density`) in ``t = asinh(lambda / c)``, ``c = 1e-3 max |lambda|``, so
     that outliers and bulk get the same relative resolution on the symlog axis;
     log density with a floor of ``floor`` times the peak.
-    Right: the top Hessian eigenvalue (Lanczos) against step. One row per task
-    configuration.
+    Right: the top Hessian eigenvalue of the periodic probes against ``x``
+    (update step, or with ``records``: gradient-equivalents or seconds,
+    :func:`probe_x`), seeds on a common grid (:func:`analysis.plots.seed_curves`);
+    with ``records``, seeds solved there are carried forward at their last probe.
+    One row per task configuration.
     """
+    check_x(x)
     need = ["ritz_values", "ritz_weights", "top_eigenvalue", "step", "seed"]
     require_columns(probes, [*need, "optimizer"], "spectrum_plot")
+    if x != "step" and records is None:
+        raise ValueError(f"spectrum_plot: x={x!r} needs the records")
     from optimizers.curvature import spectral_density  # deferred: imports JAX
 
     palette = palette or optimizer_palette(probes["optimizer"])
+    probes = _mark_solved(probes, records)
+    probes = probes.assign(_x=probe_x(probes, records, x))
     groups = panel_groups(probes)
     fig, axes = new_figure(len(groups), 2, width=5.2, height=3.8)
+    drawn = []
     for (title, rows), (left, right) in zip(groups, axes, strict=True):
         last = _last_probes(rows)
         theta, weights = _pad(last["ritz_values"]), _pad(last["ritz_weights"])
@@ -332,18 +389,23 @@ def spectrum_plot(
         left.set_ylabel(r"density of asinh($\lambda/c$) (SLQ, log)")
         track = rows[rows["kind"] == "periodic"] if "kind" in rows else rows
         track = finite(track if len(track) else rows, ["top_eigenvalue"])
-        sns.lineplot(
-            data=track, x="step", y="top_eigenvalue", hue="optimizer",
-            hue_order=list(palette), palette=palette, estimator="median",
-            errorbar=("pi", band), marker="o", legend=False, ax=right,
-        )  # fmt: skip
-        log_if_positive(right, track["top_eigenvalue"].dropna())
-        right.set(title=band_text(band), xlabel=LABELS["step"])
+        log = ["top_eigenvalue"] if all_positive(track["top_eigenvalue"]) else []
+        curves = seed_curves(track, "_x", ["top_eigenvalue"], log=log)
+        drawn.append(curves)
+        seed_lines(right, curves, "top_eigenvalue", palette, band,
+                    marker="o" if x == "step" else None, ms=4)  # fmt: skip
+        if log:
+            right.set_yscale("log")
+        right.set(title=band_text(band), xlabel=LABELS[x])
         right.set_ylabel(r"top Hessian eigenvalue $\lambda_{max}$")
     names = [n for n in palette if n in set(probes["optimizer"])]
     fig.legend(
         handles=[Line2D([], [], color=palette[n], label=n) for n in names],
         title="optimizer", loc="outside center right",
     )  # fmt: skip
-    fig.suptitle("Hessian spectrum (last probe of each seed) and top eigenvalue")
+    notes = "; ".join(curve_notes(x, drawn))
+    fig.suptitle(
+        "Hessian spectrum (last probe of each seed) and top eigenvalue against "
+        f"{LABELS[x]}" + (f"\n({notes})" if notes else "")
+    )
     return fig

@@ -7,8 +7,22 @@ the Agg canvas, so plotting never needs a display. Colours follow
 drawn with the same palette.
 
 Seed bands: lines are the median over seeds and the shaded band covers the middle
-``band`` percent of seeds (100: minimum to maximum), i.e. seaborn's
-``errorbar=("pi", band)``.
+``band`` percent of seeds (100: minimum to maximum), the percentiles
+``50 -/+ band / 2`` (seaborn's ``errorbar=("pi", band)``).
+
+Curves over training (:func:`training_curves`, :func:`traces`) can be drawn against
+update steps, gradient-equivalents or training seconds (``x``, one of
+:data:`X_AXES`). Seeds are first put on a common grid (:func:`seed_curves`), one
+per optimizer and panel: the distinct ``x`` values of its records when there are at
+most ``n`` of them (on the update axis, the evaluation steps every seed shares), else
+``n`` evenly spaced values from the smallest to the largest; ``n`` is
+:data:`GRID_POINTS`, or the number of evaluations of the longest seed if larger. Each
+seed is interpolated linearly between its own evaluations (in log space
+for the quantities drawn on a log scale) and has no value outside them; medians and
+bands are taken over the seeds that have a value at each grid point. A solved seed is
+retired and has no records after the evaluation that solved it: it is carried
+forward at its final values to the end of its optimizer's range in the panel, so the
+median does not jump when it leaves (its parameters no longer change).
 
 References: Pascanu, Mikolov & Bengio (ICML 2013), Fig. 6 (the single-unit wall) and
 Fig. 7 (success rate against sequence length).
@@ -35,6 +49,8 @@ Palette = dict[str, tuple[float, float, float]]
 #: Axis labels of the quantities found in records and probes.
 LABELS = {
     "step": "update step",
+    "grad_equivalents": "work (gradient-equivalents)",
+    "seconds": "training seconds",
     "loss": "training loss (minibatch)",
     "eval_loss": "evaluation loss (fresh sequences)",
     "eval_error": "evaluation error (fraction of sequences wrong)",
@@ -45,6 +61,12 @@ LABELS = {
 }
 #: Columns that name one task configuration (one panel).
 PANEL_KEYS = ("task", "length", "init")
+#: Horizontal axes of curves over training: update step, work, training seconds.
+X_AXES = ("step", "grad_equivalents", "seconds")
+#: Grid size of :func:`seed_curves` when the seeds' ``x`` values are more distinct.
+GRID_POINTS = 60
+#: Columns that identify one seed's curve, where present.
+SEED_KEYS = ("run_id", "optimizer", "seed")
 #: Line dashes of initializations in :func:`success_vs_length` ("": solid).
 _DASHES = ("", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1), (2, 2), (6, 2))
 _TITLE_PREFIX = {"length": "length ", "radius": "radius ", "source": "params: "}
@@ -147,12 +169,146 @@ def log_if_positive(ax: Axes, values: pd.Series, axis: str = "y") -> None:
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
 
 
-def _seed_lines(ax, data, y, palette, band, **kw) -> None:
-    sns.lineplot(
-        data=data, x="step", y=y, hue="optimizer", hue_order=list(palette),
-        palette=palette, estimator="median", errorbar=("pi", band), legend=False,
-        ax=ax, **kw,
-    )  # fmt: skip
+def check_x(x: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is one of :data:`X_AXES`."""
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {list(X_AXES)}: {x!r}")
+
+
+def common_grid(values: np.ndarray, points: int = GRID_POINTS) -> np.ndarray:
+    """The grid of :func:`seed_curves`: the distinct finite ``values`` when there are
+    at most ``points`` of them, else ``points`` evenly spaced from min to max."""
+    values = np.unique(values[np.isfinite(values)])
+    if len(values) <= points:
+        return values
+    return np.linspace(values[0], values[-1], points)
+
+
+def _on_grid(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, log: bool):
+    """``ys`` at ``xs`` interpolated onto ``grid``, NaN outside ``[xs[0], xs[-1]]``."""
+    out = np.full(len(grid), np.nan)
+    inside = (grid >= xs[0]) & (grid <= xs[-1])
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ys = np.log(np.where(ys > 0, ys, np.nan))
+    out[inside] = np.interp(grid[inside], xs, ys)
+    return np.exp(out) if log else out
+
+
+def _is_solved(rows: pd.DataFrame) -> bool:
+    return "status" in rows.columns and bool((rows["status"] == "solved").any())
+
+
+def seed_curves(
+    rows: pd.DataFrame,
+    x: str,
+    ys: Sequence[str],
+    log: Iterable[str] = (),
+    carry: bool = True,
+    points: int = GRID_POINTS,
+) -> pd.DataFrame:
+    """Every seed's ``ys`` on one common ``x`` grid per optimizer.
+
+    Rows of one seed (:data:`SEED_KEYS`) are sorted by ``x``; rows without a finite
+    ``x`` are dropped. With ``carry``, a seed with a ``status`` of ``"solved"`` gets
+    its last row repeated at the optimizer's largest ``x``, so it keeps its final
+    values to the end of the curve. The grid is :func:`common_grid` of the
+    optimizer's ``x`` values (carried points included) with ``points`` points or,
+    if more, as many as the longest seed has: never coarser than one seed's own
+    evaluations, and exact where the seeds share their ``x``. Each seed is
+    interpolated linearly between its own points (columns in ``log``: linearly in
+    ``log y``, NaN where ``y <= 0``) and is NaN outside them.
+
+    Returns:
+        Columns ``optimizer``, ``curve`` (the seed's key as text), ``x``, ``carried``
+        (True past a solved seed's last evaluation) and ``ys``.
+    """
+    log = set(log)
+    keys = [k for k in SEED_KEYS if k in rows.columns]
+    values = pd.to_numeric(rows[x], errors="coerce")
+    rows = rows[np.isfinite(values)].sort_values(x, kind="stable")
+    parts = []
+    for name, group in rows.groupby("optimizer", sort=True):
+        end = float(group[x].max())
+        seeds = []
+        for key, seed_rows in group.groupby(keys, sort=True):
+            xs = seed_rows[x].to_numpy(float)
+            table = {y: seed_rows[y].to_numpy(float) for y in ys}
+            last = np.inf  # carried past here (never, unless solved)
+            if carry and _is_solved(seed_rows) and xs[-1] < end:
+                last = xs[-1]
+                xs = np.append(xs, end)
+                table = {y: np.append(v, v[-1]) for y, v in table.items()}
+            seeds.append(("/".join(map(str, key)), xs, table, last))
+        size = max(points, *(len(xs) for _, xs, _, _ in seeds))
+        grid = common_grid(np.concatenate([xs for _, xs, _, _ in seeds]), size)
+        for curve, xs, table, last in seeds:
+            frame = {"optimizer": name, "curve": curve, "x": grid}
+            frame["carried"] = grid > last
+            for y, v in table.items():
+                frame[y] = _on_grid(xs, v, grid, y in log)
+            parts.append(pd.DataFrame(frame))
+    if not parts:
+        return pd.DataFrame(columns=["optimizer", "curve", "x", "carried", *ys])
+    return pd.concat(parts, ignore_index=True)
+
+
+def median_band(curves: pd.DataFrame, y: str, band: float = 100) -> pd.DataFrame:
+    """Median of ``y`` over seeds at every grid point of :func:`seed_curves`.
+
+    Returns columns ``optimizer``, ``x``, ``median``, ``low`` and ``high`` (the
+    ``50 -/+ band / 2`` percentiles, linear interpolation between order statistics)
+    and ``seeds`` (how many seeds have a value there); grid points where no seed has
+    a value are left out.
+    """
+    data = curves.dropna(subset=[y])
+    grouped = data.groupby(["optimizer", "x"], sort=True)[y]
+    half = min(band, 100) / 2
+    stats = grouped.agg(
+        median="median",
+        low=lambda v: np.percentile(v, 50 - half),
+        high=lambda v: np.percentile(v, 50 + half),
+        seeds="size",
+    )
+    return stats.reset_index()
+
+
+def seed_lines(
+    ax: Axes,
+    curves: pd.DataFrame,
+    y: str,
+    palette: Palette,
+    band: float | None,
+    **kw,
+) -> None:
+    """The median line (and band unless ``band`` is None) of each optimizer."""
+    stats = median_band(curves, y, 100 if band is None else band)
+    for name in palette:
+        mine = stats[stats["optimizer"] == name]
+        if mine.empty:
+            continue
+        ax.plot(mine["x"], mine["median"], color=palette[name], **kw)
+        if band is not None:
+            ax.fill_between(
+                mine["x"], mine["low"], mine["high"], color=palette[name], alpha=0.2,
+                lw=0,
+            )  # fmt: skip
+
+
+def all_positive(values: pd.Series) -> bool:
+    """Whether ``values`` has a finite value and every finite value is positive."""
+    values = pd.to_numeric(values, errors="coerce")
+    values = values[np.isfinite(values)]
+    return bool(len(values)) and bool((values > 0).all())
+
+
+def curve_notes(x: str, curves: Iterable[pd.DataFrame]) -> list[str]:
+    """Caption notes on :func:`seed_curves`: the grid of a work or time axis, and
+    whether solved seeds were carried forward."""
+    notes = [] if x == "step" else ["seeds interpolated onto a common grid"]
+    if any(c["carried"].any() for c in curves):
+        notes.append("solved seeds carried forward at their final values")
+    return notes
 
 
 def training_curves(
@@ -160,8 +316,12 @@ def training_curves(
     y: str = "eval_loss",
     palette: Palette | None = None,
     band: float = 100,
+    x: str = "step",
 ) -> Figure:
-    """``y`` against update step, one panel per task configuration, hue optimizer.
+    """``y`` against ``x``, one panel per task configuration, hue optimizer.
+
+    Seeds are put on a common grid and solved seeds carried forward at their final
+    values (:func:`seed_curves`), then the median and band are drawn.
 
     Args:
         records: Tidy records (:attr:`analysis.results.Results.records`).
@@ -169,21 +329,28 @@ def training_curves(
             go on a log scale when positive.
         palette: Optimizer colours (default: :func:`optimizer_palette` of the data).
         band: Percent of seeds covered by the band around the median line.
+        x: ``step`` (updates), ``grad_equivalents`` (work) or ``seconds``.
 
     Returns:
         The figure.
     """
-    require_columns(records, ["step", y, "optimizer", "seed"], "training_curves")
+    check_x(x)
+    require_columns(records, [x, y, "optimizer", "seed"], "training_curves")
     palette = palette or optimizer_palette(records["optimizer"])
     records = finite(records, [y])
     groups = panel_groups(records)
     fig, axes = panel_grid(len(groups))
+    drawn = []
     for ax, (title, rows) in zip(axes, groups, strict=True):
-        _seed_lines(ax, rows, y, palette, band)
-        ax.set(title=title, xlabel=LABELS["step"], ylabel=LABELS.get(y, y))
-        if "loss" in y:
-            log_if_positive(ax, rows[y])
-    fig.suptitle(f"{LABELS.get(y, y)} ({band_text(band)})")
+        log = "loss" in y and all_positive(rows[y])
+        curves = seed_curves(rows, x, [y], log=[y] if log else [])
+        drawn.append(curves)
+        seed_lines(ax, curves, y, palette, band)
+        ax.set(title=title, xlabel=LABELS[x], ylabel=LABELS.get(y, y))
+        if log:
+            ax.set_yscale("log")
+    notes = "; ".join([band_text(band), *curve_notes(x, drawn)])
+    fig.suptitle(f"{LABELS.get(y, y)} against {LABELS[x]}\n({notes})")
     optimizer_legend(fig, palette, records["optimizer"])
     return fig
 
@@ -203,16 +370,22 @@ def explosion_threshold(task: object, init: object) -> float | None:
 
 
 def traces(
-    records: pd.DataFrame, palette: Palette | None = None, band: float = 100
+    records: pd.DataFrame,
+    palette: Palette | None = None,
+    band: float = 100,
+    x: str = "step",
 ) -> Figure:
     """Gradient norm (top row, log) and spectral radius of ``W_rec`` (bottom row).
 
-    One column per task configuration. The dashed lines are ``grad_norm_max`` (the
-    largest gradient norm within an evaluation chunk) when recorded; the grey line in
-    the bottom row is ``1 / gamma``, the spectral radius above which gradients can
-    explode (a necessary condition, Pascanu et al. 2013).
+    One column per task configuration, against ``x`` (:data:`X_AXES`), seeds on a
+    common grid with solved seeds carried forward (:func:`seed_curves`). The dashed
+    lines are ``grad_norm_max`` (the largest gradient norm within an evaluation
+    chunk) when recorded; the grey line in the bottom row is ``1 / gamma``, the
+    spectral radius above which gradients can explode (a necessary condition,
+    Pascanu et al. 2013).
     """
-    need = ["step", "grad_norm_mean", "spectral_radius", "optimizer", "seed"]
+    check_x(x)
+    need = [x, "grad_norm_mean", "spectral_radius", "optimizer", "seed"]
     require_columns(records, need, "traces")
     palette = palette or optimizer_palette(records["optimizer"])
     has_max = "grad_norm_max" in records.columns
@@ -225,19 +398,19 @@ def traces(
         extra.append(
             Line2D([], [], color="0.3", ls="--", label="||g||: max over chunk")
         )
-    drew_threshold = False
+    drew_threshold, drawn = False, []
     for col, (title, rows) in enumerate(groups):
         top, bottom = axes[0, col], axes[1, col]
-        _seed_lines(top, rows, "grad_norm_mean", palette, band)
+        log = [c for c in cols if c != "spectral_radius" and all_positive(rows[c])]
+        curves = seed_curves(rows, x, cols, log=log)
+        drawn.append(curves)
+        seed_lines(top, curves, "grad_norm_mean", palette, band)
         if has_max:
-            sns.lineplot(
-                data=rows, x="step", y="grad_norm_max", hue="optimizer",
-                hue_order=list(palette), palette=palette, estimator="median",
-                errorbar=None, legend=False, ax=top, linestyle="--", lw=1,
-            )  # fmt: skip
-        log_if_positive(top, rows["grad_norm_mean"])
-        top.set(title=title, xlabel=LABELS["step"], ylabel=LABELS["grad_norm_mean"])
-        _seed_lines(bottom, rows, "spectral_radius", palette, band)
+            seed_lines(top, curves, "grad_norm_max", palette, None, ls="--", lw=1)
+        if "grad_norm_mean" in log:
+            top.set_yscale("log")
+        top.set(title=title, xlabel=LABELS[x], ylabel=LABELS["grad_norm_mean"])
+        seed_lines(bottom, curves, "spectral_radius", palette, band)
         first = rows.iloc[0]
         level = explosion_threshold(first.get("task"), first.get("init"))
         if level is not None:
@@ -247,44 +420,97 @@ def traces(
         radii = radii[np.isfinite(radii)]
         if len(radii) and radii.min() > 0 and radii.max() > 20 * radii.min():
             bottom.set_yscale("log")  # a diverging W_rec spans orders of magnitude
-        bottom.set(xlabel=LABELS["step"], ylabel=LABELS["spectral_radius"])
+        bottom.set(xlabel=LABELS[x], ylabel=LABELS["spectral_radius"])
     if drew_threshold:
         extra.append(
             Line2D([], [], color="0.4", ls=":", lw=1.5,
                    label=r"$1/\gamma$: explosion threshold" "\n"
                    "(necessary, Pascanu et al. 2013)")
         )  # fmt: skip
-    fig.suptitle(f"Gradient norm and spectral radius of W_rec ({band_text(band)})")
+    notes = "; ".join([band_text(band), *curve_notes(x, drawn)])
+    fig.suptitle(
+        f"Gradient norm and spectral radius of W_rec against {LABELS[x]}\n({notes})"
+    )
     optimizer_legend(fig, palette, records["optimizer"], extra=extra)
     return fig
 
 
-def success_vs_length(summary: pd.DataFrame, palette: Palette | None = None) -> Figure:
-    """Success rate (fraction of seeds solved) against sequence length (Pascanu Fig. 7).
+def success_rates(summary: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Seeds solved per task, initialization, length and optimizer, with intervals.
 
-    One panel per task, one colour per optimizer, one marker per initialization.
+    Returns columns ``task`` (when present), ``init`` (``"default"`` when absent),
+    ``length``, ``optimizer``, ``solved`` and ``seeds`` (counts), ``success_rate``
+    and ``low``, ``high``: the Wilson score interval of ``confidence``
+    (:func:`analysis.stats.wilson_interval`).
     """
-    require_columns(summary, ["length", "status", "optimizer"], "success_vs_length")
-    palette = palette or optimizer_palette(summary["optimizer"])
-    frame = summary.assign(solved=(summary["status"] == "solved").astype(float))
+    from analysis.stats import wilson_interval
+
+    frame = summary.assign(solved=(summary["status"] == "solved").astype(int))
     if "init" not in frame.columns:
         frame["init"] = "default"
     frame["init"] = frame["init"].astype(str)
     keys = [k for k in ("task", "init", "length", "optimizer") if k in frame.columns]
-    rates = frame.groupby(keys, sort=True)["solved"].agg(["mean", "size"])
-    rates = rates.rename(columns={"mean": "success_rate", "size": "seeds"})
-    rates = rates.reset_index()
+    rates = frame.groupby(keys, sort=True)["solved"].agg(["sum", "size"])
+    rates = rates.rename(columns={"sum": "solved", "size": "seeds"}).reset_index()
+    rates["success_rate"] = rates["solved"] / rates["seeds"]
+    low, high = wilson_interval(
+        rates["solved"].to_numpy(), rates["seeds"].to_numpy(), confidence=confidence
+    )
+    rates["low"], rates["high"] = np.asarray(low, float), np.asarray(high, float)
+    return rates
+
+
+def _dodge(lengths: np.ndarray, n: int, spread: float = 0.3) -> np.ndarray:
+    """Sideways offsets of ``n`` series: together ``spread`` of the smallest gap."""
+    gaps = np.diff(np.unique(lengths))
+    gap = float(gaps.min()) if len(gaps) else 1.0
+    if n < 2:
+        return np.zeros(max(n, 1))
+    return (np.arange(n) - (n - 1) / 2) * spread * gap / (n - 1)
+
+
+def success_vs_length(
+    summary: pd.DataFrame, palette: Palette | None = None, confidence: float = 0.95
+) -> Figure:
+    """Success rate (fraction of seeds solved) against sequence length (Pascanu Fig. 7).
+
+    One panel per task, one colour per optimizer, one marker and dash per
+    initialization. Error bars are Wilson score intervals of ``confidence`` for the
+    fraction solved (:func:`success_rates`); the series of a panel are shifted
+    sideways by up to 15% of the smallest gap between lengths so that their bars do
+    not hide each other.
+    """
+    require_columns(summary, ["length", "status", "optimizer"], "success_vs_length")
+    palette = palette or optimizer_palette(summary["optimizer"])
+    rates = success_rates(summary, confidence)
     inits = sorted(rates["init"].unique())
     markers = dict(zip(inits, "osD^vP*X", strict=False))
     dashes = dict(zip(inits, _DASHES, strict=False))
     groups = panel_groups(rates, ["task"])
     fig, axes = panel_grid(len(groups))
     for ax, (title, rows) in zip(axes, groups, strict=True):
-        sns.lineplot(
-            data=rows, x="length", y="success_rate", hue="optimizer",
-            hue_order=list(palette), palette=palette, style="init",
-            style_order=inits, markers=markers, dashes=dashes, legend=False, ax=ax,
-        )  # fmt: skip
+        series = [
+            (name, init)
+            for name in palette
+            for init in inits
+            if ((rows["optimizer"] == name) & (rows["init"] == init)).any()
+        ]
+        offsets = _dodge(rows["length"].to_numpy(float), len(series))
+        for (name, init), offset in zip(series, offsets, strict=False):
+            mine = rows[(rows["optimizer"] == name) & (rows["init"] == init)]
+            mine = mine.sort_values("length")
+            at = mine["length"].to_numpy(float) + offset
+            rate = mine["success_rate"].to_numpy(float)
+            (line,) = ax.plot(
+                at, rate, color=palette[name], marker=markers[init], ms=5, lw=1.5
+            )
+            if dashes[init]:
+                line.set_dashes(dashes[init])
+            below, above = rate - mine["low"].to_numpy(), mine["high"].to_numpy() - rate
+            ax.errorbar(
+                at, rate, yerr=np.vstack([below, above]), fmt="none",
+                ecolor=palette[name], elinewidth=1, capsize=2.5, alpha=0.8,
+            )  # fmt: skip
         ax.set(title=title, xlabel=LABELS["length"], ylim=(-0.04, 1.04))
         ax.set_ylabel("success rate (fraction of seeds solved)")
     extra = [
@@ -295,7 +521,10 @@ def success_vs_length(summary: pd.DataFrame, palette: Palette | None = None) -> 
     for handle, init in zip(extra, inits, strict=False):
         if dashes[init]:
             handle.set_dashes(dashes[init])
-    fig.suptitle("Success rate against sequence length")
+    fig.suptitle(
+        f"Success rate against sequence length (bars: {confidence:.0%} Wilson "
+        "intervals over seeds)"
+    )
     optimizer_legend(fig, palette, rates["optimizer"], extra=extra)
     return fig
 

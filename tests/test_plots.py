@@ -96,6 +96,19 @@ def test_explosion_threshold():
     assert plots.explosion_threshold("addition", float("nan")) is None
 
 
+def data_lines(ax) -> list:
+    """The series of a success plot: lines with the init markers (not bar caps)."""
+    return [ln for ln in ax.get_lines() if ln.get_marker() in list("osD^vP*X")]
+
+
+def wilson(k: float, n: float, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The 95% Wilson score interval in closed form (Wilson 1927)."""
+    p = k / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return centre - half, centre + half
+
+
 def test_success_vs_length():
     fig = plots.success_vs_length(make_summary())
     (ax,) = visible_axes(fig)
@@ -103,11 +116,225 @@ def test_success_vs_length():
     assert ax.get_ylabel() == "success rate (fraction of seeds solved)"
     low, high = ax.get_ylim()
     assert -0.05 < low <= 0 and 1 <= high < 1.05
-    ys = np.concatenate([ln.get_ydata() for ln in ax.get_lines()])
+    lines = data_lines(ax)
+    assert len(lines) == 4  # 2 optimizers x 2 initializations
+    ys = np.concatenate([ln.get_ydata() for ln in lines])
     np.testing.assert_allclose(np.unique(ys.round(9)), [1 / 3, 2 / 3, 1.0])
+    # Series are shifted sideways by at most 15% of the gap (50) between lengths,
+    # symmetrically around each length.
+    xs = np.stack([ln.get_xdata() for ln in lines])
+    shift = xs - np.array([50, 100, 150])
+    assert np.abs(shift).max() <= 7.5 + 1e-9 and np.ptp(shift, axis=1).max() < 1e-9
+    np.testing.assert_allclose(np.sort(shift[:, 0]), [-7.5, -2.5, 2.5, 7.5])
     text = legend_texts(fig)
     assert "init: sigmoid" in text and "init: smart_tanh" in text
     assert_optimizers_in_legend(fig)
+    assert "95% Wilson" in fig.get_suptitle()
+
+
+def test_success_vs_length_draws_wilson_intervals():
+    fig = plots.success_vs_length(make_summary())
+    (ax,) = visible_axes(fig)
+    bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == 4
+    segments = np.concatenate([c.lines[2][0].get_segments() for c in bars])
+    assert len(segments) == 12  # 4 series x 3 lengths
+    # 3 seeds per point: the intervals of 1, 2 and 3 solved (hand-checked values).
+    expected = {
+        1: (0.0614919, 0.7923404),
+        2: (0.2076596, 0.9385081),
+        3: (0.4385030, 1.0),
+    }
+    for k, bounds in expected.items():
+        np.testing.assert_allclose(wilson(k, 3), bounds, atol=1e-6)
+    rate_at = {
+        float(x): float(y)
+        for ln in data_lines(ax)
+        for x, y in zip(ln.get_xdata(), ln.get_ydata(), strict=True)
+    }  # the dodged x of each point is unique
+    for (x0, lo), (x1, hi) in segments:
+        assert x0 == x1
+        k = round(3 * rate_at[float(x0)])
+        np.testing.assert_allclose([lo, hi], expected[k], atol=1e-6)
+    rates = plots.success_rates(make_summary())
+    row = rates.query("optimizer == 'SGD' and init == 'sigmoid' and length == 100")
+    assert row[["solved", "seeds"]].to_numpy().tolist() == [[1, 3]]
+    np.testing.assert_allclose(row[["low", "high"]].to_numpy()[0], wilson(1, 3))
+    zero = plots.success_rates(make_summary().assign(status="unsolved"))
+    assert (zero["low"] == 0).all() and np.allclose(zero["high"], wilson(0, 3)[1])
+
+
+def retired_records() -> pd.DataFrame:
+    """Three AdaHessian seeds; seeds 0 and 1 are solved at step 1000 and retired.
+
+    Seed 2 keeps training with a high loss: without the solved seeds the median
+    would "rise" from 0.007 at step 1000 to 1.4 at step 1500.
+    """
+    losses = {0: [0.9, 0.007], 1: [1.1, 0.004], 2: [1.2, 1.4, 1.4, 1.3]}
+    rows = []
+    for seed, values in losses.items():
+        for i, loss in enumerate(values):
+            step = 500 * (i + 1)
+            status = "solved" if seed < 2 and i == 1 else "running"
+            rows.append(
+                {
+                    "run_id": "ah", "task": "temporal_order", "length": 30,
+                    "init": "basic_tanh", "optimizer": "AdaHessian", "seed": seed,
+                    "step": step, "eval_loss": loss, "eval_error": loss / 2,
+                    "grad_norm_mean": 1.0 + seed, "spectral_radius": 1.0 + 0.1 * i,
+                    "grad_equivalents": 3 * step, "seconds": step / 100,
+                    "status": status,
+                }
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_solved_seeds_are_carried_forward_so_the_median_does_not_jump():
+    records = retired_records()
+    curves = plots.seed_curves(records, "step", ["eval_loss"])
+    stats = plots.median_band(curves, "eval_loss")
+    np.testing.assert_array_equal(stats["x"], [500, 1000, 1500, 2000])
+    # By hand: median(0.9, 1.1, 1.2); then median(0.007, 0.004, 1.4 / 1.4 / 1.3).
+    np.testing.assert_allclose(stats["median"], [1.1, 0.007, 0.007, 0.007])
+    np.testing.assert_allclose(stats["low"], [0.9, 0.004, 0.004, 0.004])
+    np.testing.assert_allclose(stats["high"], [1.2, 1.4, 1.4, 1.3])
+    np.testing.assert_array_equal(stats["seeds"], [3, 3, 3, 3])
+    carried = curves[curves["carried"]]
+    assert set(carried["curve"]) == {"ah/AdaHessian/0", "ah/AdaHessian/1"}
+    np.testing.assert_array_equal(sorted(set(carried["x"])), [1500, 2000])
+    # Without carrying, the median is seed 2's alone after step 1000: the jump.
+    plain = plots.median_band(
+        plots.seed_curves(records, "step", ["eval_loss"], carry=False), "eval_loss"
+    )
+    np.testing.assert_allclose(plain["median"], [1.1, 0.007, 1.4, 1.3])
+    # The figure draws the carried median and says so.
+    fig = plots.training_curves(records)
+    (ax,) = visible_axes(fig)
+    (line,) = ax.get_lines()
+    np.testing.assert_allclose(line.get_xdata(), [500, 1000, 1500, 2000])
+    np.testing.assert_allclose(line.get_ydata(), [1.1, 0.007, 0.007, 0.007])
+    assert "solved seeds carried forward" in fig.get_suptitle()
+    assert "carried" not in plots.training_curves(make_records()).get_suptitle()
+
+
+def test_work_axis_interpolates_seeds_onto_a_common_grid():
+    # Work differs between seeds, so no x is shared by all of them.
+    rows = [
+        (0, 100, 0.4, "running"), (0, 200, 0.0, "solved"),
+        (1, 150, 0.6, "running"), (1, 300, 0.0, "solved"),
+        (2, 120, 0.5, "running"), (2, 240, 0.5, "running"),
+        (2, 360, 0.5, "running"), (2, 480, 0.5, "running"),
+    ]  # fmt: skip
+    records = pd.DataFrame(
+        rows, columns=["seed", "grad_equivalents", "eval_error", "status"]
+    ).assign(optimizer="HF", task="temporal_order", step=0)
+    curves = plots.seed_curves(records, "grad_equivalents", ["eval_error"])
+    stats = plots.median_band(curves, "eval_error")
+    grid = [100, 120, 150, 200, 240, 300, 360, 480]  # every seed's own x values
+    np.testing.assert_array_equal(stats["x"], grid)
+    # Seed 0 at 120: 0.4 - 0.4 * 20/100 = 0.32; seed 1 at 200 and 240:
+    # 0.6 - 0.6 * 50/150 = 0.4 and 0.6 - 0.6 * 90/150 = 0.24. Each seed has no value
+    # before its first evaluation; solved seeds stay at 0 after their last.
+    medians = [0.4, (0.32 + 0.5) / 2, 0.5, 0.4, 0.24, 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(stats["median"], medians, atol=1e-12)
+    np.testing.assert_array_equal(stats["seeds"], [1, 2, 3, 3, 3, 3, 3, 3])
+    fig = plots.training_curves(records, "eval_error", x="grad_equivalents")
+    (ax,) = visible_axes(fig)
+    assert ax.get_xlabel() == "work (gradient-equivalents)"
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), medians, atol=1e-12)
+    assert "common grid" in fig.get_suptitle()
+
+
+def test_log_columns_are_interpolated_geometrically():
+    records = pd.DataFrame(
+        {"optimizer": "A", "seed": [0, 0, 1, 1], "seconds": [1.0, 3.0, 1.0, 2.0],
+         "eval_loss": [1.0, 0.01, 1.0, 0.1]}
+    )  # fmt: skip
+    curves = plots.seed_curves(records, "seconds", ["eval_loss"], log=["eval_loss"])
+    seed0 = curves[curves["curve"] == "A/0"].set_index("x")["eval_loss"]
+    assert seed0[2.0] == pytest.approx(0.1)  # halfway in log: sqrt(1 * 0.01)
+    seed1 = curves[curves["curve"] == "A/1"].set_index("x")["eval_loss"]
+    assert np.isnan(seed1[3.0])  # not solved: not carried past its last point
+
+
+def test_common_grid():
+    np.testing.assert_array_equal(
+        plots.common_grid(np.array([3, 1, 2, 1.0])), [1, 2, 3]
+    )
+    values = np.r_[np.arange(100.0), np.nan]
+    grid = plots.common_grid(values, points=60)
+    assert len(grid) == 60 and grid[0] == 0 and grid[-1] == 99
+    np.testing.assert_allclose(np.diff(grid), 99 / 59)
+
+
+def test_grid_is_never_coarser_than_one_seed():
+    steps = np.arange(1, 101) * 10.0
+    records = pd.DataFrame(
+        {"optimizer": "A", "seed": np.repeat([0, 1], 100),
+         "step": np.tile(steps, 2), "grad_equivalents": np.r_[steps, steps + 5],
+         "eval_error": 0.5}
+    )  # fmt: skip
+    # 100 shared steps: the grid is exactly those steps, not 60 points.
+    curves = plots.seed_curves(records, "step", ["eval_error"])
+    np.testing.assert_array_equal(np.unique(curves["x"]), steps)
+    # 200 distinct work values: 100 evenly spaced points from 10 to 1005.
+    curves = plots.seed_curves(records, "grad_equivalents", ["eval_error"])
+    np.testing.assert_allclose(np.unique(curves["x"]), np.linspace(10, 1005, 100))
+
+
+def test_diverged_seeds_are_not_carried():
+    records = retired_records()
+    records.loc[records["status"] == "solved", "status"] = "diverged"
+    curves = plots.seed_curves(records, "step", ["eval_loss"])
+    assert not curves["carried"].any()
+    assert curves.query("x > 1000")["eval_loss"].notna().sum() == 2  # seed 2 only
+
+
+def test_training_axes_and_bad_x():
+    records = retired_records()
+    fig = plots.traces(records, x="seconds")
+    top, bottom = visible_axes(fig)
+    assert top.get_xlabel() == bottom.get_xlabel() == "training seconds"
+    # Spectral radius: seeds 0, 1 solved at 10 s with radius 1.1 and carried; seed
+    # 2 goes 1.0, 1.1, 1.2, 1.3 -> medians 1.0, 1.1, 1.1, 1.1.
+    (radius,) = bottom.get_lines()[:1]
+    np.testing.assert_allclose(radius.get_xdata(), [5, 10, 15, 20])
+    np.testing.assert_allclose(radius.get_ydata(), [1.0, 1.1, 1.1, 1.1])
+    assert "against training seconds" in fig.get_suptitle()
+    with pytest.raises(ValueError, match="grad_equivalents"):
+        plots.training_curves(records, x="updates")
+    with pytest.raises(ValueError, match="seconds"):
+        plots.training_curves(make_records(), x="seconds")
+
+
+def test_probe_x_reads_work_off_the_records():
+    records = pd.DataFrame(
+        {"run_id": "r", "optimizer": "HF", "seed": [0, 0, 1],
+         "step": [10, 20, 10], "grad_equivalents": [30.0, 70.0, 50.0]}
+    )  # fmt: skip
+    probes = pd.DataFrame(
+        {"run_id": "r", "optimizer": "HF", "seed": [0, 0, 0, 0, 1, 2],
+         "step": [0, 10, 15, 20, 5, 10]}
+    )  # fmt: skip
+    x = cp.probe_x(probes, records, "grad_equivalents")
+    np.testing.assert_allclose(x, [0, 30, 50, 70, 25, np.nan])
+    np.testing.assert_array_equal(cp.probe_x(probes, records, "step"), probes["step"])
+
+
+def test_spectrum_plot_against_work():
+    probes = make_probes()
+    records = make_records(lengths=(20,))
+    records = records.assign(
+        run_id="run-" + records["optimizer"], grad_equivalents=2.0 * records["step"]
+    )
+    fig = cp.spectrum_plot(probes, records=records, x="grad_equivalents")
+    _, right = visible_axes(fig)
+    assert right.get_xlabel() == "work (gradient-equivalents)"
+    # Periodic probes at steps 0..90 (not 50: explosion) -> work 0..180.
+    xs = np.concatenate([ln.get_xdata() for ln in right.get_lines()])
+    assert xs.min() == 0 and xs.max() == 180
+    with pytest.raises(ValueError, match="records"):
+        cp.spectrum_plot(probes, x="seconds")
 
 
 def test_wall_plot_draws_surface_wall_and_trajectories():

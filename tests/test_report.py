@@ -16,6 +16,8 @@ from analysis.growth import GROWTH_SUFFIX, save_growth
 from runner.run import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: The training curves against gradient-equivalents.
+WORK = {"training_work", "error_work"}
 CONFIG_COLUMNS = ["run_id", "task", "length", "init", "optimizer"]
 
 
@@ -32,6 +34,10 @@ def write_fake_run(directory, label, length=20, probes=None, task="temporal_orde
     }  # fmt: skip
     records = make_records(lengths=(length,))
     records = records[records["optimizer"] == "SGD"].drop(columns=CONFIG_COLUMNS)
+    records = records.assign(
+        grad_equivalents=(2.0 + records["seed"]) * records["step"],
+        seconds=0.01 * records["step"],
+    )
     summary = [
         {"seed": s, "updates": 100, "run_seconds": 1.5,
          "status": "solved" if s < 2 else "unsolved",
@@ -93,7 +99,7 @@ def test_report_without_probes_omits_curvature_sections(tmp_path):
     assert len(table_rows(text, "comparison")) == len(table_rows(text, "runs")) == 2
     for label in ("SGD", "SGD-C"):
         assert f'<td class="text">{label}</td>' in text
-    assert sections(text) == {"training", "error", "traces"}
+    assert sections(text) == {"training", "error", "traces"} | WORK
     assert "temporal_order" in text and "2 runs" in text
 
 
@@ -108,7 +114,7 @@ def test_report_of_a_real_probed_wall_run(tmp_path):
     text = report.write_report(tmp_path).read_text()
     assert_self_contained(text)
     expected = {"training", "error", "traces", "curvature", "curvature_gn"}
-    assert sections(text) == expected | {"spectrum", "wall"}
+    assert sections(text) == expected | {"spectrum", "wall"} | WORK
     assert "Could not draw" not in text
 
 
@@ -150,6 +156,52 @@ def test_figures_return_none_without_their_data(tmp_path):
     for name in ("growth", "ratio"):
         assert report.FIGURES[name](results) is None, name
     assert report.FIGURES["training"](results) is not None
+    # Records written before work was counted: no curves against work.
+    run = results.runs[0]
+    run["records"] = [
+        {k: v for k, v in r.items() if k != "grad_equivalents"} for r in run["records"]
+    ]
+    results = store.Results(results.path, results.runs, (pd.DataFrame(),) * 2)
+    assert report.FIGURES["training_work"](results) is None
+    assert report.build_figure("traces", results, x="grad_equivalents") is None
+
+
+def test_build_figure_draws_against_the_chosen_axis(tmp_path):
+    write_fake_run(tmp_path, "SGD")
+    results = store.Results.load(tmp_path)
+    work = report.FIGURES["training_work"](results)
+    ax = work.axes[0]
+    assert ax.get_xlabel() == "work (gradient-equivalents)"
+    # Seed s does (2 + s) gradient-equivalents per step, evaluated every 10 steps
+    # from 10 to 100: the common grid is every seed's own work values, 20 to 400.
+    grid = np.unique([(2 + s) * step for s in SEEDS for step in range(10, 110, 10)])
+    np.testing.assert_allclose(ax.get_lines()[0].get_xdata(), grid)
+    fig = report.build_figure("error", results, x="seconds")
+    assert fig.axes[0].get_xlabel() == "training seconds"
+    assert report.build_figure("traces", results).axes[0].get_xlabel() == (
+        "update step"
+    )
+    with pytest.raises(ValueError, match="no training axis"):
+        report.build_figure("success", results, x="seconds")
+    with pytest.raises(ValueError, match="grad_equivalents"):
+        report.build_figure("training", results, x="work")
+    with pytest.raises(ValueError, match="unknown plot"):
+        report.build_figure("nope", results)
+
+
+@pytest.mark.slow
+def test_plot_command_takes_the_x_axis(tmp_path, capsys):
+    from runner.cli import main
+
+    write_fake_run(tmp_path, "SGD")
+    argv = ["plot", "training", str(tmp_path), "--format", "png"]
+    assert main([*argv, "--x", "grad_equivalents"]) == 0
+    path = tmp_path / "training-grad_equivalents.png"
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert capsys.readouterr().out.strip() == str(path)
+    assert main(argv) == 0 and (tmp_path / "training.png").is_file()
+    assert main(["plot", "success", str(tmp_path), "--x", "seconds"]) == 2
+    assert "--x applies to training" in capsys.readouterr().err
 
 
 @pytest.mark.slow
