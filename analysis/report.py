@@ -21,7 +21,9 @@ from matplotlib.figure import Figure
 
 from analysis import curvature_plots as cp
 from analysis import plots
+from analysis.profiles import problem_costs, profile_figure
 from analysis.results import Results
+from analysis.sensitivity import sensitivity_figure, tuning_table
 from analysis.table import comparison_table, group_columns
 
 
@@ -60,20 +62,20 @@ def growth_x(rows: pd.DataFrame) -> str | None:
     return None
 
 
-def _curves(y: str) -> Callable[[Results], Figure | None]:
-    def build(results: Results) -> Figure | None:
-        if not _has(results.records, "step", "seed", y):
+def _curves(y: str, default_x: str = "step") -> Callable[..., Figure | None]:
+    def build(results: Results, x: str = default_x) -> Figure | None:
+        if not _has(results.records, x, "seed", y):
             return None
-        return plots.training_curves(results.records, y, palette(results))
+        return plots.training_curves(results.records, y, palette(results), x=x)
 
     return build
 
 
-def _traces(results: Results) -> Figure | None:
+def _traces(results: Results, x: str = "step") -> Figure | None:
     records = results.records
-    if not _has(records, "step", "seed", "grad_norm_mean", "spectral_radius"):
+    if not _has(records, x, "seed", "grad_norm_mean", "spectral_radius"):
         return None
-    return plots.traces(records, palette(results))
+    return plots.traces(records, palette(results), x=x)
 
 
 def _success(results: Results) -> Figure | None:
@@ -92,11 +94,30 @@ def _curvature(kind: str, column: str) -> Callable[[Results], Figure | None]:
     return build
 
 
-def _spectrum(results: Results) -> Figure | None:
-    probes = results.probes
+def _spectrum(results: Results, x: str = "step") -> Figure | None:
+    probes, records = results.probes, results.records
     if not _has(probes, "ritz_values", "ritz_weights", "top_eigenvalue"):
         return None
-    return cp.spectrum_plot(probes, palette(results))
+    if x != "step" and not _has(records, "step", "seed", x):
+        return None
+    records = records if _has(records, "step", "seed") else None
+    return cp.spectrum_plot(probes, palette(results), records=records, x=x)
+
+
+def _profiles(results: Results) -> Figure | None:
+    summary = results.summary
+    if not _has(summary, "status", "optimizer") or summary["optimizer"].nunique() < 2:
+        return None
+    if len(problem_costs(summary, "updates")) < 2:
+        return None
+    return profile_figure(summary, palette=palette(results))
+
+
+def _sensitivity(results: Results) -> Figure | None:
+    trials = results.tuning
+    if trials.empty or not any(c.startswith("hp_") for c in trials.columns):
+        return None
+    return sensitivity_figure(trials, palette(results))
 
 
 def _wall(results: Results) -> Figure | None:
@@ -117,11 +138,15 @@ def _ratio(results: Results) -> Figure | None:
 
 
 #: Figure name -> builder from a results directory (None: the data is absent).
-FIGURES: dict[str, Callable[[Results], Figure | None]] = {
+FIGURES: dict[str, Callable[..., Figure | None]] = {
     "training": _curves("eval_loss"),
+    "training_work": _curves("eval_loss", "grad_equivalents"),
     "error": _curves("eval_error"),
+    "error_work": _curves("eval_error", "grad_equivalents"),
     "traces": _traces,
     "success": _success,
+    "profiles": _profiles,
+    "sensitivity": _sensitivity,
     "curvature": _curvature("hessian", "curv_hessian"),
     "curvature_gn": _curvature("gauss_newton", "curv_gn"),
     "spectrum": _spectrum,
@@ -129,23 +154,74 @@ FIGURES: dict[str, Callable[[Results], Figure | None]] = {
     "growth": _growth,
     "ratio": _ratio,
 }
+#: Figures drawn over training: their builders take ``x`` (:data:`plots.X_AXES`).
+X_FIGURES = ("training", "training_work", "error", "error_work", "traces", "spectrum")
+
+
+def build_figure(name: str, results: Results, x: str | None = None) -> Figure | None:
+    """The figure ``name`` of :data:`FIGURES`, against ``x`` when given.
+
+    Raises:
+        ValueError: ``name`` is unknown, ``x`` is not in :data:`plots.X_AXES`, or
+            ``x`` is given for a figure not in :data:`X_FIGURES`.
+    """
+    if name not in FIGURES:
+        raise ValueError(f"unknown plot {name!r}; choose from {sorted(FIGURES)}")
+    if x is None:
+        return FIGURES[name](results)
+    plots.check_x(x)
+    if name not in X_FIGURES:
+        raise ValueError(
+            f"the {name!r} plot has no training axis; x applies to "
+            f"{', '.join(X_FIGURES)}"
+        )
+    return FIGURES[name](results, x=x)
+
 
 #: Section title and what to read from each figure.
 CAPTIONS = {
     "training": ("Evaluation loss",
         "Loss on fresh sequences against update step: median over seeds, band from "
-        "the best to the worst seed. A plateau that never drops means the task was "
-        "not solved; sudden jumps upwards are gradient explosions."),
+        "the best to the worst seed. A solved seed stops training; it is carried "
+        "forward at its final evaluation to the end of its optimizer's curve, so the "
+        "median does not jump when it retires. A plateau that never drops means the "
+        "task was not solved; sudden jumps upwards are gradient explosions."),
+    "training_work": ("Evaluation loss against work",
+        "As above against gradient-equivalents (gradients, function evaluations and "
+        "curvature-vector products at their nominal cost), the work the comparison "
+        "table counts: a method with few expensive updates is drawn at its cost. "
+        "Each seed is interpolated onto a common grid per optimizer (60 points, or "
+        "as many as the longest seed has evaluations) before the median is taken; "
+        "solved seeds are carried forward."),
     "error": ("Evaluation error",
-        "Fraction of evaluation sequences wrong. A seed counts as solved once the "
-        "error falls below the task's threshold and it passes the full success test."),
+        "Fraction of evaluation sequences wrong, solved seeds carried forward at "
+        "their final error. A seed counts as solved once the error falls below the "
+        "task's threshold and it passes the full success test."),
+    "error_work": ("Evaluation error against work",
+        "The evaluation error against gradient-equivalents, seeds on a common grid, "
+        "solved seeds carried forward."),
     "traces": ("Gradient norm and spectral radius",
         "Top: mean gradient norm per evaluation chunk (dashed: the largest); jumps of "
         "orders of magnitude are explosions. Bottom: spectral radius of W_rec; above "
         "the dotted line 1/gamma (1 for tanh, 4 for sigmoid) gradients can explode, a "
-        "necessary but not sufficient condition (Pascanu et al. 2013)."),
+        "necessary but not sufficient condition (Pascanu et al. 2013). Solved seeds "
+        "keep their final values (their parameters no longer change)."),
     "success": ("Success rate against sequence length",
-        "Fraction of seeds solved at each length (Pascanu et al. 2013, Fig. 7)."),
+        "Fraction of seeds solved at each length (Pascanu et al. 2013, Fig. 7), with "
+        "95% Wilson score intervals over seeds. With a handful of seeds per point "
+        "they are wide: 2 of 5 seeds solved spans 0.12 to 0.77."),
+    "profiles": ("Performance profiles",
+        "For each optimizer, the fraction of problems (task configurations) it "
+        "solved within tau times the cost of the best optimizer on that problem "
+        "(Dolan and More 2002), in updates, gradient-equivalents and seconds. The "
+        "cost on a problem is the median over seeds, an unsolved or diverged seed "
+        "counting as infinite. The value at tau = 1 is how often an optimizer was "
+        "the fastest; the height at the right is how many problems it solved."),
+    "sensitivity": ("Tuning sensitivity",
+        "The tuning criterion against each tuned hyperparameter, one point per "
+        "trial on the tuning seeds; the chosen trial is circled, trials that solved "
+        "no tuning seed are crosses along the top. A wide basin means the result "
+        "does not hinge on the tuning; a single good point means it does."),
     "curvature": ("Curvature against gradient norm (Hessian)",
         "Left: |u^T H u| along u = g/||g|| against ||g||, log-log, with the fitted "
         "slope and its confidence interval per optimizer. Slope 1 (parallel to the "
@@ -164,7 +240,7 @@ CAPTIONS = {
         "last probe of each seed, averaged over seeds; mass left of 0 is "
         "non-convexity, isolated peaks on the right are sharp directions. Right: the "
         "top eigenvalue along training (compare with 2/learning rate, the edge of "
-        "stability of Cohen et al. 2021)."),
+        "stability of Cohen et al. 2021); solved seeds keep their last probe."),
     "wall": ("The wall of the single-unit model",
         "Error E(w, b) with the wall (white) and each seed's path from its square "
         "start. Pascanu et al. (2013, Fig. 6): plain SGD hitting the wall is thrown "
@@ -188,8 +264,14 @@ _METRICS = (
     ("seeds", "seeds", "{:.0f}"),
     ("solved", "solved", "{:.0f}"),
     ("success_rate", "success rate", "{:.0%}"),
+    ("success_lo", "95% low", "{:.0%}"),
+    ("success_hi", "95% high", "{:.0%}"),
     ("median_steps", "median updates to solve", "{:.0f}"),
+    ("steps_lo", "updates 95% low", "{:.0f}"),
+    ("steps_hi", "updates 95% high", "{:.0f}"),
     ("median_grad_equiv", "median gradient-equivalents", "{:.0f}"),
+    ("grad_equiv_lo", "grad.-equiv. 95% low", "{:.0f}"),
+    ("grad_equiv_hi", "grad.-equiv. 95% high", "{:.0f}"),
     ("median_seq_grads", "median sequence gradients", "{:.3g}"),
     ("median_seconds", "median seconds to solve", "{:.1f}"),
     ("diverged", "diverged seeds", "{:.0f}"),
@@ -242,6 +324,14 @@ def comparison_html(summary: pd.DataFrame) -> str:
     headers = {m: h for m, h, _ in _METRICS}
     formats = {headers[m]: f for m, _, f in _METRICS}
     return html_table(shown.rename(columns=headers), formats, "comparison")
+
+
+def tuning_html(trials: pd.DataFrame) -> str:
+    """The tuning table (:func:`analysis.sensitivity.tuning_table`) as HTML."""
+    table = tuning_table(trials).replace([np.inf], np.nan)
+    numbers = table.select_dtypes("number").columns
+    formats = {c: "{:.4g}" for c in numbers}
+    return html_table(table, formats, "tuning")
 
 
 def runs_html(results: Results) -> str:
@@ -322,13 +412,22 @@ def write_report(
         parts.append(f"<p>{html.escape(info)}</p>")
         parts += [
             "<h2>Comparison</h2><p>One row per configuration. Medians are over solved "
-            "seeds ('-' when none solved). Gradient-equivalents add function "
-            "evaluations and curvature-vector products at their nominal cost in "
-            "gradients; sequence gradients multiply them by the batch size.</p>",
+            "seeds ('-' when none solved), with 95% intervals: Wilson for the "
+            "success rate, percentile bootstrap over seeds for the medians. "
+            "Gradient-equivalents add function evaluations and curvature-vector "
+            "products at their nominal cost in gradients; sequence gradients "
+            "multiply them by the batch size.</p>",
             comparison_html(summary),
         ]
     else:
         parts.append(f"<p>{html.escape(info)}; growth experiments only.</p>")
+    if not results.tuning.empty:
+        parts += [
+            "<h2>Tuning</h2><p>What tuning chose for each optimizer and task "
+            "configuration, with the chosen trial's scores on the tuning seeds; the "
+            "comparison table holds the held-out seeds only.</p>",
+            tuning_html(results.tuning),
+        ]
     parts += [_figure_section(name, results) for name in FIGURES]
     if results.runs:
         parts += ["<h2>Runs</h2>", runs_html(results)]
