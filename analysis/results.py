@@ -153,8 +153,12 @@ def write_run(
     timings: dict[str, float],
     versions: dict[str, str],
     traces: dict[str, np.ndarray] | None = None,
+    statistics: dict | None = None,
 ) -> Path:
     """Write a run's file, its parameters and (optionally) its per-step traces.
+
+    ``statistics``: the run's aggregate over seeds (success rate and medians with
+    their intervals, time to target; :func:`analysis.stats.run_statistics`).
 
     The arrays go first and the JSON file last, so a run file on disk always has
     its companions (a run counts as done once its JSON file exists).
@@ -168,6 +172,7 @@ def write_run(
         **timings,
         "versions": versions,
         "summary": result.summary.to_dict(orient="records"),
+        "statistics": statistics or {},
         "records": result.records.to_dict(orient="records"),
         "probes": result.probes.to_dict(orient="records"),
     }

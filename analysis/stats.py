@@ -400,3 +400,31 @@ def interval_columns(
         row.update(_group_intervals(group, costs, confidence, resamples, seed))
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
+
+
+def run_statistics(summary: pd.DataFrame, target_loss: float | None = None) -> dict:
+    """The statistics a run file stores next to its per-seed summary.
+
+    Success rate with its Wilson interval, and the median updates and
+    gradient-equivalents to solve with their bootstrap intervals
+    (:func:`interval_columns` over one group; seconds are left out, so that the
+    same run gives the same file whatever machine it ran on). With ``target_loss``:
+    the seeds that reached it and the median updates and gradient-equivalents to
+    reach it over all seeds (a seed that never did counts as infinite; None when
+    the median is infinite).
+    """
+    frame = summary.drop(columns=["seconds_to_solve"], errors="ignore")
+    (row,) = interval_columns(frame, []).to_dict(orient="records")
+    stats = {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
+    stats["seeds"], stats["solved"] = int(row["seeds"]), int(row["solved"])
+    stats["confidence"] = 0.95
+    if target_loss is not None:
+        stats["target_loss"] = float(target_loss)
+        for column in ("updates_to_target", "grad_equivalents_to_target"):
+            values = pd.to_numeric(summary.get(column), errors="coerce")
+            values = values.fillna(np.inf).to_numpy(dtype=float)
+            median = float(np.median(values)) if values.size else np.inf
+            stats[f"median_{column}"] = median if np.isfinite(median) else None
+        reached = pd.to_numeric(summary.get("updates_to_target"), errors="coerce")
+        stats["reached_target"] = int(reached.notna().sum())
+    return stats

@@ -77,6 +77,9 @@ _SUMMARY_FIELDS = {
     "diverged_step",
     "final_eval_error",
     "run_seconds",
+    "updates_to_target",
+    "grad_equivalents_to_target",
+    "seconds_to_target",
 }
 
 
@@ -129,6 +132,8 @@ def comparison_table(
     table = table[[*order, "diverged", "run_seconds"]]
     if target is not None and records is not None and not records.empty:
         table = _with_target(table, records, keys, target)
+    elif "updates_to_target" in summary.columns:  # the runs' own target_loss
+        table = _declared_target(table, summary, keys)
     return table.drop(columns="config_digest", errors="ignore")
 
 
@@ -152,6 +157,24 @@ def _with_target(
     frame = pd.concat(parts, axis=1).reset_index()
     frame.columns = [*have, "updates_to_target", "grad_equiv_to_target", "reached"]
     return table.merge(frame, on=have, how="left")
+
+
+def _declared_target(
+    table: pd.DataFrame, summary: pd.DataFrame, keys: list[str]
+) -> pd.DataFrame:
+    """Medians over seeds of the time to the runs' ``target_loss`` (never: inf)."""
+    frame = summary[keys].copy()  # grouped as interval_columns groups the table
+    for column in ("updates_to_target", "grad_equivalents_to_target"):
+        frame[column] = pd.to_numeric(summary[column], errors="coerce").fillna(np.inf)
+    frame["reached"] = frame["updates_to_target"] < np.inf
+    grouped = frame.groupby(keys, sort=True, dropna=False)
+    out = table.copy()
+    out["updates_to_target"] = grouped["updates_to_target"].median().to_numpy()
+    out["grad_equiv_to_target"] = (
+        grouped["grad_equivalents_to_target"].median().to_numpy()
+    )
+    out["reached"] = grouped["reached"].sum().to_numpy()
+    return out
 
 
 def format_table(table: pd.DataFrame, markdown: bool = False) -> str:

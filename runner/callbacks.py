@@ -158,8 +158,14 @@ class Progress:
         self.bar.set_postfix(loss=f"{loss:.4g}", solved=len(run.solved_at))
 
 
-def seed_summary(seeds: list[int], run: RunState) -> list[dict[str, Any]]:
-    """One row per seed: outcome, work and time to solve, last evaluation error."""
+def seed_summary(
+    seeds: list[int], run: RunState, target_loss: float | None = None
+) -> list[dict[str, Any]]:
+    """One row per seed: outcome, work and time to solve, last evaluation error.
+
+    With ``target_loss``: also the updates, gradient-equivalents and seconds at the
+    first evaluation whose loss was at most the target (None: never reached).
+    """
     rows = []
     diverged = np.asarray(run.state.diverged_step)
     updates = np.asarray(run.state.updates)
@@ -179,5 +185,18 @@ def seed_summary(seeds: list[int], run: RunState) -> list[dict[str, Any]]:
         row["diverged_step"] = int(diverged[i]) if diverged[i] >= 0 else None
         row["final_eval_error"] = last[seed]["eval_error"] if seed in last else None
         row["run_seconds"] = run.seconds
+        if target_loss is not None:
+            row.update(_to_target(run.records, seed, target_loss))
         rows.append(row)
     return rows
+
+
+def _to_target(records: list[dict], seed: int, target: float) -> dict[str, Any]:
+    hit = next(
+        (r for r in records if r["seed"] == seed and r["eval_loss"] <= target), None
+    )
+    return {
+        "updates_to_target": None if hit is None else hit["updates"],
+        "grad_equivalents_to_target": None if hit is None else hit["grad_equivalents"],
+        "seconds_to_target": None if hit is None else hit["seconds"],
+    }

@@ -50,6 +50,12 @@ class RunOptions:
         "(checked after each chunk of eval_every steps): an equal budget for every "
         "optimizer",
     )
+    target_loss: Annotated[float, Range(-1e30, 1e30)] | None = _option(
+        None,
+        "time-to-target: the run file records the updates, gradient-equivalents and "
+        "seconds until the evaluation loss first fell to this value",
+        False,
+    )
     eval_every: Steps = _option(
         100, "steps per compiled chunk; evaluation and success test follow each"
     )

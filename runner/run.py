@@ -30,6 +30,7 @@ from analysis.results import (
     run_path,
     write_run,
 )
+from analysis.stats import run_statistics
 from runner import callbacks as cb
 from runner import resume
 from runner.config import OptimizerSpec, RunConfig, run_config
@@ -186,7 +187,9 @@ def finish_run(
     result = RunResult(
         config=described,
         records=pd.DataFrame(run_state.records),
-        summary=pd.DataFrame(cb.seed_summary(seeds, run_state)),
+        summary=pd.DataFrame(
+            cb.seed_summary(seeds, run_state, config.options.target_loss)
+        ),
         params=jax.tree.map(np.asarray, run_state.state.params),
         path=None,
         probes=pd.DataFrame(run_state.probes),
@@ -200,7 +203,9 @@ def finish_run(
     }
     versions = {"jax": jax.__version__, "optax": optax.__version__}
     steps = config.options.steps
-    write_run(path, result, timings, versions, _stack(run_state.traces, steps))
+    statistics = run_statistics(result.summary, config.options.target_loss)
+    traces = _stack(run_state.traces, steps)
+    write_run(path, result, timings, versions, traces, statistics)
     if keep_final:
         resume.save(path, described["run_id"], run_state, final=True)
     remove_resume(path)

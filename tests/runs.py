@@ -9,7 +9,7 @@ import numpy as np
 
 #: Fields that hold wall-clock times: the only ones two equal runs may differ in.
 TIMES = {"seconds", "seconds_to_solve", "run_seconds", "compile_seconds",
-         "probe_seconds"}  # fmt: skip
+         "probe_seconds", "seconds_to_target"}  # fmt: skip
 
 
 def without_times(value):

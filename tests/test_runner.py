@@ -160,6 +160,28 @@ def test_work_budget_retires_seeds_after_the_chunk_that_reaches_it():
 
 
 @pytest.mark.slow
+def test_target_loss_records_time_to_target(tmp_path):
+    # The target is the median of all evaluation losses, so some evaluations reach
+    # it and some do not; the run file must name, per seed, the first that did.
+    probe = _tiny_run(steps=100, eval_every=10)
+    target = float(probe.records.eval_loss.median())
+    result = _tiny_run(steps=100, eval_every=10, target_loss=target, out=tmp_path)
+    for seed, rows in result.records.groupby("seed"):
+        hit = rows[rows.eval_loss <= target].sort_values("step")
+        row = result.summary.set_index("seed").loc[seed]
+        if hit.empty:
+            assert pd.isna(row.updates_to_target)
+        else:
+            assert row.updates_to_target == hit.updates.iloc[0]
+            assert row.grad_equivalents_to_target == hit.grad_equivalents.iloc[0]
+    stats = json.loads(result.path.read_text())["statistics"]
+    assert stats["target_loss"] == target
+    assert stats["reached_target"] == int(
+        result.summary.updates_to_target.notna().sum()
+    )
+
+
+@pytest.mark.slow
 def test_step_limit_not_multiple_of_chunk():
     result = _tiny_run(steps=50, eval_every=20)
     assert result.records.step.max() == 50  # three chunks, the last one partial

@@ -1,8 +1,11 @@
 """The comparison table pools seeds of one configuration, never two configurations."""
 
 import pandas as pd
+import pytest
+from scipy.stats import binomtest
 
 from analysis.results import config_columns
+from analysis.stats import run_statistics
 from analysis.table import comparison_table
 
 
@@ -51,3 +54,79 @@ def test_other_labels_keep_their_own_rows_without_extra_columns():
     )
     assert sorted(table.optimizer) == ["Other", "SGD-C"]
     assert "steps" not in table.columns
+
+
+def _outcomes(config, statuses, steps):
+    return pd.DataFrame(
+        [
+            {"seed": seed, "status": status, "steps_to_solve": step,
+             "grad_equivalents_to_solve": None if step is None else 2.0 * step,
+             "seconds_to_solve": step, "run_seconds": 1.0, **config_columns(config)}
+            for seed, status, step in zip(config["seeds"], statuses, steps,
+                                          strict=True)
+        ]
+    )  # fmt: skip
+
+
+def test_table_gives_wilson_and_bootstrap_intervals():
+    # 3 of 5 seeds solved at 100, 200 and 400 updates.
+    config = _config([0, 1, 2, 3, 4])
+    summary = _outcomes(
+        config, ["solved", "solved", "solved", "unsolved", "diverged"],
+        [100.0, 200.0, 400.0, None, None],
+    )  # fmt: skip
+    (row,) = comparison_table(summary).to_dict(orient="records")
+    wilson = binomtest(3, 5).proportion_ci(0.95, method="wilson")
+    assert row["success_lo"] == pytest.approx(wilson.low)
+    assert row["success_hi"] == pytest.approx(wilson.high)
+    assert row["median_steps"] == 200 and row["median_grad_equiv"] == 400
+    # A percentile bootstrap of the median of three values stays within their range
+    # and, with 2,000 resamples, reaches both ends (each has probability 7/27).
+    assert (row["steps_lo"], row["steps_hi"]) == (100, 400)
+    assert (row["grad_equiv_lo"], row["grad_equiv_hi"]) == (200, 800)
+    assert row["diverged"] == 1
+
+
+def test_time_to_target_from_records():
+    # Seed 0 reaches loss 0.1 at step 40, seed 1 at step 60, seed 2 never: the
+    # median over all seeds (never = infinite) is 60 updates and 120 gradients.
+    config = _config([0, 1, 2])
+    summary = _outcomes(config, ["unsolved"] * 3, [None] * 3)
+    losses = {0: [0.5, 0.1, 0.05], 1: [0.9, 0.3, 0.1], 2: [1.0, 0.9, 0.8]}
+    records = pd.DataFrame(
+        [
+            {"seed": seed, "step": 20 * (i + 1), "updates": 20 * (i + 1),
+             "grad_equivalents": 40.0 * (i + 1), "eval_loss": loss,
+             **config_columns(config)}
+            for seed, values in losses.items()
+            for i, loss in enumerate(values)
+        ]
+    )  # fmt: skip
+    table = comparison_table(summary, records, target=("eval_loss", 0.1))
+    (row,) = table.to_dict(orient="records")
+    assert row["updates_to_target"] == 60 and row["grad_equiv_to_target"] == 120
+    assert row["reached"] == 2
+    # Runs that recorded their own target_loss: their columns are read.
+    summary["updates_to_target"] = [20, 100, None]
+    summary["grad_equivalents_to_target"] = [40.0, 200.0, None]
+    (own,) = comparison_table(summary).to_dict(orient="records")
+    assert own["updates_to_target"] == 100 and own["grad_equiv_to_target"] == 200
+    assert own["reached"] == 2
+
+
+def test_run_statistics_in_the_run_file_summary():
+    config = _config([0, 1, 2, 3])
+    summary = _outcomes(
+        config, ["solved", "unsolved", "solved", "solved"], [300.0, None, 100.0, 200.0]
+    )
+    summary["updates_to_target"] = [50, None, 70, None]
+    summary["grad_equivalents_to_target"] = [100.0, None, 140.0, None]
+    stats = run_statistics(summary, target_loss=0.2)
+    wilson = binomtest(3, 4).proportion_ci(0.95, method="wilson")
+    assert (stats["seeds"], stats["solved"]) == (4, 3)
+    assert stats["success_lo"] == pytest.approx(wilson.low)
+    assert stats["median_steps"] == 200 and stats["median_grad_equiv"] == 400
+    assert "median_seconds" not in stats  # machine-dependent: left out of the file
+    # Median of 50, 70, inf, inf is infinite: recorded as None, 2 seeds reached.
+    assert stats["median_updates_to_target"] is None
+    assert stats["reached_target"] == 2
