@@ -7,6 +7,7 @@
     curvbench growth --task T --lengths ... curvature/gradient growth experiment
     curvbench report DIR                    one self-contained HTML page of a dir
     curvbench plot NAME DIR                 one figure of a dir (PNG and SVG)
+    curvbench evaluate RUN --length N ...   a run's error counts on longer sequences
 
 Bad input (unknown names, misspelled or out-of-range hyperparameters and run options,
 malformed TOML, missing or damaged files, runs that cannot fit in memory) prints one
@@ -115,7 +116,19 @@ def _cmd_compare(args) -> int:
 def _cmd_show(args) -> int:
     from analysis.table import show
 
-    print(show(args.dir, markdown=args.markdown))
+    target = None
+    if args.target is not None:
+        column, sep, value = args.target.partition("=")
+        try:
+            target = (column, float(value))
+        except ValueError:
+            sep = ""
+        if not sep or column not in ("eval_loss", "eval_error", "loss"):
+            raise ConfigError(
+                f"--target {args.target!r} must look like COLUMN=VALUE with COLUMN "
+                "one of eval_loss, eval_error, loss"
+            )
+    print(show(args.dir, markdown=args.markdown, target=target))
     return 0
 
 
@@ -162,6 +175,28 @@ def _cmd_growth(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from runner.evaluate import evaluate, format_table
+
+    def progress(row: dict) -> None:
+        print(
+            f"length {row['length']} seed {row['seed']}: {row['errors']} errors in "
+            f"{row['sequences']} sequences ({row['seconds']:.1f} s)",
+            file=sys.stderr,
+        )
+
+    frame = evaluate(
+        args.run, args.length, sequences=args.sequences, batch=args.batch,
+        seed=args.seed, step=args.step, progress=None if args.quiet else progress,
+    )  # fmt: skip
+    print(format_table(frame))
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.csv, index=False)
+        print(f"\ncsv: {args.csv}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from analysis.report import write_report
 
@@ -171,15 +206,18 @@ def _cmd_report(args) -> int:
 
 def _cmd_plot(args) -> int:
     from analysis.plots import save_figure
-    from analysis.report import FIGURES
+    from analysis.report import FIGURES, X_FIGURES, build_figure
     from analysis.results import Results
 
     if args.name not in FIGURES:
         raise ConfigError(f"unknown plot {args.name!r}; choose from {sorted(FIGURES)}")
-    fig = FIGURES[args.name](Results.load(args.dir))
+    if args.x is not None and args.name not in X_FIGURES:
+        raise ConfigError(f"--x applies to {', '.join(X_FIGURES)}, not {args.name!r}")
+    fig = build_figure(args.name, Results.load(args.dir), x=args.x)
     if fig is None:
         raise ConfigError(f"{args.dir} has no data for the {args.name!r} plot")
-    stem = Path(args.out) if args.out else Path(args.dir) / args.name
+    suffix = "" if args.x in (None, "step") else f"-{args.x}"
+    stem = Path(args.out) if args.out else Path(args.dir) / f"{args.name}{suffix}"
     for path in save_figure(fig, stem, formats=tuple(args.format)):
         print(path)
     return 0
@@ -278,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the comparison table of a results dir")
     show.add_argument("dir")
     show.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    show.add_argument(
+        "--target", metavar="COLUMN=VALUE",
+        help="also give the median work until COLUMN (eval_loss, eval_error or loss) "
+        "first fell to VALUE at an evaluation, e.g. eval_loss=0.1",
+    )  # fmt: skip
 
     growth = sub.add_parser("growth", help="curvature vs gradient growth experiment")
     growth.add_argument("--task", help="registered task (or take it from --run)")
@@ -300,6 +343,27 @@ def build_parser() -> argparse.ArgumentParser:
     growth.add_argument("--name", help="file name (default: task-init-x)")
     growth.add_argument("--out", default="results/growth", help="results directory")
 
+    evaluate = sub.add_parser(
+        "evaluate", help="error counts of a stored run on fresh, longer sequences"
+    )
+    evaluate.add_argument("run", help="a run file (RUN_ID.json)")
+    evaluate.add_argument(
+        "--length", type=_positive, nargs="+", action="extend", metavar="N",
+        help="sequence lengths, e.g. --length 500 1000 (default: the run's length)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--sequences", type=_positive, default=10_000, help="per length and seed"
+    )
+    evaluate.add_argument(
+        "--batch", type=_positive, default=1000, help="sequences per forward pass"
+    )
+    evaluate.add_argument(
+        "--seed", type=int, default=0, help="seed of the fresh sequences"
+    )
+    evaluate.add_argument("--step", type=int, help="evaluate this checkpoint")
+    evaluate.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress lines")
+
     report = sub.add_parser("report", help="write a self-contained HTML report")
     report.add_argument("dir")
     report.add_argument("--out", help="HTML file (default: DIR/report.html)")
@@ -308,10 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="save one figure of a results directory")
     plot.add_argument("name", help="training, traces, curvature, wall, growth, ...")
     plot.add_argument("dir")
-    plot.add_argument("--out", help="file stem (default: DIR/NAME)")
+    plot.add_argument("--out", help="file stem (default: DIR/NAME[-X])")
     plot.add_argument(
         "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"]
     )
+    plot.add_argument(
+        "--x", choices=["step", "grad_equivalents", "seconds"],
+        help="horizontal axis of the curves over training (training, error, "
+        "traces, spectrum): updates, gradient-equivalents or training seconds "
+        "(default: the figure's own, updates)",
+    )  # fmt: skip
     return parser
 
 
@@ -324,6 +394,7 @@ COMMANDS = {
     "growth": _cmd_growth,
     "report": _cmd_report,
     "plot": _cmd_plot,
+    "evaluate": _cmd_evaluate,
 }
 
 
