@@ -441,10 +441,15 @@ def success_rates(summary: pd.DataFrame, confidence: float = 0.95) -> pd.DataFra
     Returns columns ``task`` (when present), ``init`` (``"default"`` when absent),
     ``length``, ``optimizer``, ``solved`` and ``seeds`` (counts), ``success_rate``
     and ``low``, ``high``: the Wilson score interval of ``confidence``
-    (:func:`analysis.stats.wilson_interval`).
+    (:func:`analysis.stats.wilson_interval`). Runs trained on a range of lengths
+    (``min_length`` below ``length``) are not a point on the length axis and are
+    left out; the comparison table lists them.
     """
     from analysis.stats import wilson_interval
 
+    if "min_length" in summary.columns:
+        low_end = pd.to_numeric(summary["min_length"], errors="coerce")
+        summary = summary[low_end.isna() | (low_end == summary["length"])]
     frame = summary.assign(solved=(summary["status"] == "solved").astype(int))
     if "init" not in frame.columns:
         frame["init"] = "default"

@@ -471,3 +471,17 @@ def test_spectrum_plot():
     assert len(densities) == len(OPTIMIZERS)
     assert all(np.all(np.asarray(d) > 0) for d in densities)
     assert_optimizers_in_legend(fig)
+
+
+def test_success_rates_leave_out_runs_trained_on_a_range_of_lengths():
+    # A run on lengths 50-200 must not pool with the fixed length-200 run.
+    summary = pd.DataFrame(
+        {
+            "task": ["t"] * 4, "length": [200, 200, 50, 50],
+            "min_length": [50, None, None, 50], "optimizer": ["A"] * 4,
+            "status": ["solved", "unsolved", "solved", "solved"],
+        }
+    )  # fmt: skip
+    rates = plots.success_rates(summary).set_index("length")
+    assert rates.loc[200, "seeds"] == 1 and rates.loc[200, "solved"] == 0
+    assert rates.loc[50, "seeds"] == 2  # min_length == length is a fixed length

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.report import write_report
 from analysis.results import TUNING_DIR, Results, read_run, run_files
 from runner.cli import main
 from runner.config import parse_comparison
@@ -225,3 +226,5 @@ def test_tuned_comparison_end_to_end(tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert "Tuning (grad_equivalents" in text and "0.5" in text
+    page = write_report(out).read_text()
+    assert 'id="tuning"' in page and 'id="sensitivity"' in page
