@@ -189,8 +189,13 @@ def _train_batch(configs: list[RunConfig], out: Path, progress: Any) -> list:
         else c
         for c in callbacks
     ]
-    # After the success test (which retires seeds), before anything that saves.
-    callbacks.insert(1, _MemberEnds(n_members, n_seeds))
+    # After the success test and the work budget (which retire seeds), before
+    # anything that saves.
+    retiring = max(
+        i for i, c in enumerate(callbacks)
+        if isinstance(c, cb.SuccessTest | cb.WorkBudget)
+    )  # fmt: skip
+    callbacks.insert(retiring + 1, _MemberEnds(n_members, n_seeds))
     train(program, run_state, opts.steps, opts.eval_every, callbacks)
     results = []
     for g, config in enumerate(configs):

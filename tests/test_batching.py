@@ -62,3 +62,33 @@ def test_batched_grid_writes_the_runs_it_would_write_alone(tmp_path):
     assert statuses == {"diverged"}  # lr 1e4: its traces stop where it did alone
     assert store.checkpoint_steps(batched.results[2].path) == [20]
     assert not list((tmp_path / "batched").glob(".batch-*"))
+
+
+@pytest.mark.slow
+def test_batched_grid_with_a_work_budget_matches_the_runs_alone(tmp_path):
+    # HF's damping is traced and changes its CG iterations, so the grid points
+    # spend the budget at different chunks: each must stop where it stops alone,
+    # with the same records and traces. (Vmapped over per-seed damping, HF's floats
+    # can differ from the run alone in the last bits, so shapes and steps are
+    # compared here, not values.)
+    comparison = parse_comparison(
+        {
+            "name": "budget", "seeds": 2, "steps": 40, "eval_every": 5,
+            "eval_size": 64, "work_budget": 120.0,
+            "task": [{"name": "addition", "length": 10, "hidden": 6,
+                      "batch_size": 8}],
+            "optimizer": [{"name": "hf", "max_cg_iters": 20,
+                           "grid": {"damping": [0.01, 100.0]}}],
+        }
+    )  # fmt: skip
+    alone = compare(comparison, tmp_path / "alone", False, "serial", batch_grid=False)
+    batched = compare(
+        comparison, tmp_path / "batched", False, "serial", batch_grid=True
+    )
+    updates = [sorted(r.summary["updates"]) for r in alone.results]
+    assert updates[0] != updates[1]  # the budget ends them at different steps
+    for a, b in zip(alone.results, batched.results, strict=True):
+        assert a.summary["updates"].tolist() == b.summary["updates"].tolist()
+        assert a.records[["seed", "step"]].equals(b.records[["seed", "step"]])
+        traces_a, traces_b = store.load_steps(a.path), store.load_steps(b.path)
+        assert traces_a.shape == traces_b.shape
