@@ -18,6 +18,7 @@ A results directory holds one comparison::
                                and task configuration its trials (hyperparameters,
                                scores, run ids) and the chosen one
     tuning/                    the tuning trials' run files (a results directory)
+    tuning/superseded/         held-out runs of trials that are no longer chosen
 
 Every file is written atomically (a temporary file renamed into place), so a killed
 process never leaves half a file. Run files carry ``"format": FORMAT_VERSION``; files
@@ -145,6 +146,26 @@ def unflatten_params(arrays: dict[str, np.ndarray]) -> dict:
 def run_path(out_dir: str | Path, run_id: str) -> Path:
     """The run file of ``run_id`` in a results directory."""
     return Path(out_dir) / f"{run_id}{RUN_SUFFIX}"
+
+
+#: Suffixes of a run's companion files and folders (besides ``<run_id>.json``).
+_COMPANIONS = (".params.npz", ".steps.npz", ".final.npz", ".resume.npz", ".ckpt")
+
+
+def move_run(run_file: Path, folder: str | Path) -> Path:
+    """Move a run file and its companions into ``folder`` (made if missing).
+
+    Used to set aside a tuned comparison's held-out runs of a trial that is no
+    longer the chosen one, so that the comparison table never pools them.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in _COMPANIONS:
+        companion = run_file.with_suffix(suffix)
+        if companion.exists():
+            companion.replace(folder / companion.name)
+    run_file.replace(folder / run_file.name)
+    return folder / run_file.name
 
 
 def write_run(
@@ -353,7 +374,8 @@ def tuning_files(path: str | Path) -> list[Path]:
 def load_tuning(path: str | Path) -> pd.DataFrame:
     """Every trial of every tuning file under ``path``: one row per trial.
 
-    Columns: ``label``, ``optimizer_name``, ``task`` and the task's
+    Columns: ``study`` (file and study index: one tuned optimizer on one task
+    configuration), ``label``, ``optimizer_name``, ``task`` and the task's
     hyperparameters, ``trial``, ``run_id``, ``chosen`` (bool), the scores
     (``solved_fraction``, ``median_cost``, ``final_loss``), ``criterion``,
     ``error``, and one ``hp_<name>`` column per tuned hyperparameter.
@@ -363,10 +385,11 @@ def load_tuning(path: str | Path) -> pd.DataFrame:
         payload = _read_json(file, ("settings", "studies"))
         settings = payload["settings"]
         try:
-            for study in payload["studies"]:
+            for index, study in enumerate(payload["studies"]):
                 task = dict(study["task"])
                 for i, trial in enumerate(study["trials"]):
                     row = {
+                        "study": f"{file.name}:{study.get('study', index)}",
                         "label": study["label"],
                         "optimizer_name": study["optimizer"],
                         "task": task.get("name"),

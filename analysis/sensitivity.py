@@ -24,11 +24,13 @@ from analysis.plots import (
     optimizer_legend,
     optimizer_palette,
     panel_grid,
-    panel_groups,
 )
 
-#: Columns of a trial row that describe the study, not the trial.
-_STUDY_KEYS = ("task", "length", "init", "label")
+#: Columns of a trial row that are not task settings.
+_NOT_TASK = {
+    "study", "label", "optimizer_name", "criterion", "chosen", "trial", "run_id",
+    "solved_fraction", "median_cost", "final_loss", "error",
+}  # fmt: skip
 #: What each criterion's cost is measured in (axis labels).
 _COST_LABELS = {
     "updates": "median updates to solve",
@@ -42,30 +44,35 @@ def _hp_columns(trials: pd.DataFrame) -> list[str]:
     return [c for c in trials.columns if c.startswith("hp_")]
 
 
-def _study_keys(trials: pd.DataFrame) -> list[str]:
-    keys = [k for k in _STUDY_KEYS if k in trials.columns]
-    return [k for k in keys if k == "label" or trials[k].astype(str).nunique() > 1] or [
-        "label"
+def _task_keys(trials: pd.DataFrame) -> list[str]:
+    """The task settings that differ between studies (task name first)."""
+    columns = [
+        c for c in trials.columns if c not in _NOT_TASK and not c.startswith("hp_")
     ]
+    varying = [c for c in columns if trials[c].astype(str).nunique() > 1]
+    return sorted(varying, key=lambda c: (c != "task", c != "length", c != "init"))
+
+
+def _title(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(f"{k} {row[k]}" for k in keys if pd.notna(row[k])) or "all"
 
 
 def tuning_table(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per study: trials run and failed, the choice and its scores.
 
-    Columns: the study keys (task settings that vary, optimizer label), ``trials``,
-    ``failed`` (trials that raised), ``diverged_or_unsolved`` (trials that solved no
-    tuning seed), one column per tuned hyperparameter (the chosen value),
+    Columns: the task settings that vary between studies, ``optimizer`` (the
+    label), ``trials``, ``failed`` (trials that raised), ``none_solved`` (trials that
+    solved no tuning seed), one column per tuned hyperparameter (the chosen value),
     ``solved_fraction``, ``median_cost`` and ``final_loss`` of the chosen trial.
     """
     if trials.empty:
         return pd.DataFrame()
-    keys = _study_keys(trials)
+    keys = _task_keys(trials)
     rows = []
-    for key, group in trials.groupby(keys, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
+    for _, group in trials.groupby("study", sort=False):
         chosen = group[group["chosen"].astype(bool)].iloc[0]
-        row = dict(zip(keys, key, strict=True))
-        row["optimizer"] = row.pop("label")
+        row = {k: chosen[k] for k in keys}
+        row["optimizer"] = chosen["label"]
         row["trials"] = len(group)
         row["failed"] = int(group["error"].notna().sum()) if "error" in group else 0
         row["none_solved"] = int((group["solved_fraction"] == 0).sum())
@@ -125,11 +132,13 @@ def sensitivity_figure(trials: pd.DataFrame, palette: Palette | None = None) -> 
         raise ValueError("sensitivity_figure: no tuning trials")
     palette = palette or optimizer_palette(trials["label"])
     hps = _hp_columns(trials)
-    panels = [
-        (hp.removeprefix("hp_"), title, group)
-        for hp in hps
-        for title, group in panel_groups(trials[trials[hp].notna()])
-    ]
+    keys = _task_keys(trials)
+    panels = []
+    for hp in hps:
+        rows = trials[trials[hp].notna()]
+        groups = rows.groupby(keys, sort=True, dropna=False) if keys else [((), rows)]
+        for _, group in groups:
+            panels.append((hp.removeprefix("hp_"), _title(group.iloc[0], keys), group))
     fig, axes = panel_grid(len(panels))
     criterion = trials["criterion"].iloc[0]
     for ax, (hp, title, group) in zip(axes, panels, strict=True):

@@ -80,6 +80,7 @@ _SUMMARY_FIELDS = {
     "updates_to_target",
     "grad_equivalents_to_target",
     "seconds_to_target",
+    "target_loss",
 }
 
 
@@ -162,18 +163,37 @@ def _with_target(
 def _declared_target(
     table: pd.DataFrame, summary: pd.DataFrame, keys: list[str]
 ) -> pd.DataFrame:
-    """Medians over seeds of the time to the runs' ``target_loss`` (never: inf)."""
+    """Medians over seeds of the time to the runs' own ``target_loss``.
+
+    A seed that never reached its target counts as infinite; rows of runs that
+    recorded no target leave their configuration's columns empty, and so do
+    configurations whose seeds recorded different targets.
+    """
     frame = summary[keys].copy()  # grouped as interval_columns groups the table
-    for column in ("updates_to_target", "grad_equivalents_to_target"):
-        frame[column] = pd.to_numeric(summary[column], errors="coerce").fillna(np.inf)
-    frame["reached"] = frame["updates_to_target"] < np.inf
-    grouped = frame.groupby(keys, sort=True, dropna=False)
-    out = table.copy()
-    out["updates_to_target"] = grouped["updates_to_target"].median().to_numpy()
-    out["grad_equiv_to_target"] = (
-        grouped["grad_equivalents_to_target"].median().to_numpy()
+    recorded = (
+        pd.to_numeric(summary["target_loss"], errors="coerce").notna()
+        if "target_loss" in summary.columns
+        else pd.Series(True, index=summary.index)
     )
-    out["reached"] = grouped["reached"].sum().to_numpy()
+    for column in ("updates_to_target", "grad_equivalents_to_target"):
+        values = pd.to_numeric(summary[column], errors="coerce").fillna(np.inf)
+        frame[column] = values.where(recorded)
+    frame["target"] = summary.get("target_loss")
+    frame["reached"] = (frame["updates_to_target"] < np.inf).astype(float)
+    frame.loc[~recorded, "reached"] = np.nan
+    grouped = frame.groupby(keys, sort=True, dropna=False)
+    complete = grouped["updates_to_target"].agg(lambda v: v.notna().all())
+    single = grouped["target"].agg(lambda v: v.nunique(dropna=False) <= 1)
+    valid = (complete & single).to_numpy()
+    out = table.copy()
+    out["target"] = np.where(valid, grouped["target"].first().to_numpy(), np.nan)
+    for column, name in (
+        ("updates_to_target", "updates_to_target"),
+        ("grad_equivalents_to_target", "grad_equiv_to_target"),
+        ("reached", "reached"),
+    ):
+        agg = grouped[column].sum() if column == "reached" else grouped[column].median()
+        out[name] = np.where(valid, agg.to_numpy(), np.nan)
     return out
 
 

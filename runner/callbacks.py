@@ -186,6 +186,7 @@ def seed_summary(
         row["final_eval_error"] = last[seed]["eval_error"] if seed in last else None
         row["run_seconds"] = run.seconds
         if target_loss is not None:
+            row["target_loss"] = target_loss
             row.update(_to_target(run.records, seed, target_loss))
         rows.append(row)
     return rows

@@ -26,6 +26,7 @@ from analysis.results import (
     TUNING_DIR,
     RunResult,
     load_result,
+    move_run,
     remove_stale_temporaries,
     run_path,
     write_tuning,
@@ -137,8 +138,8 @@ def _tuned(comparison: Comparison, out: Path, execute: Callable) -> CompareOutco
     tried = execute(f"{comparison.name} tuning", trials, out / TUNING_DIR)
     done = {r.config["run_id"]: r for r in tried.results}
     errors = {f.run_id: f.error for f in tried.failures}
-    studies, chosen = [], []
-    for study in comparison.studies:
+    studies, chosen, failures = [], [], list(tried.failures)
+    for index, study in enumerate(comparison.studies):
         scores = [
             trial_score(
                 done[t.run_id].summary if t.run_id in done else None,
@@ -148,11 +149,34 @@ def _tuned(comparison: Comparison, out: Path, execute: Callable) -> CompareOutco
             for t in study.trials
         ]
         best = choose(scores, tuning.criterion)
-        chosen.append(study.held_out[best])
-        studies.append(_study_record(study, scores, best, errors))
+        _set_aside(study, best, out)
+        if all(t.run_id in errors for t in study.trials):
+            failures.append(
+                RunFailure(
+                    study.held_out[best].run_id, study.label,
+                    _describe(study.held_out[best]),
+                    "every tuning trial failed; no configuration to re-run",
+                )
+            )  # fmt: skip
+        else:
+            chosen.append(study.held_out[best])
+        studies.append({"study": index, **_study_record(study, scores, best, errors)})
     write_tuning(out, comparison.name, tuning.describe(), studies)
     final = execute(comparison.name, comparison.runs + tuple(chosen), out)
-    return CompareOutcome(out, final.results, tried.failures + final.failures)
+    return CompareOutcome(out, final.results, failures + final.failures)
+
+
+def _set_aside(study: Study, best: int, out: Path) -> None:
+    """Move held-out runs of this study's other trials to ``tuning/superseded``.
+
+    They exist when an earlier invocation chose another trial (a trial that failed
+    then, a smaller trial budget, another criterion); left in place, the table
+    would show two rows under one label.
+    """
+    for i, config in enumerate(study.held_out):
+        path = run_path(out, config.run_id)
+        if i != best and path.exists():
+            move_run(path, out / TUNING_DIR / "superseded")
 
 
 def _study_record(study: Study, scores: list[dict], best: int, errors: dict) -> dict:

@@ -371,8 +371,10 @@ def parse_comparison(
     file_options, _ = _split(data)
     tuning = None
     if "tuning" in data:
-        held_out = RunOptions.from_dict({**file_options, **(overrides or {})}).seeds
-        tuning = parse_tuning(data["tuning"], held_out, tuple(option_specs()))
+        tuning = parse_tuning(
+            data["tuning"], _all_seeds(data, file_options, overrides),
+            tuple(option_specs()),
+        )  # fmt: skip
     runs, studies = [], []
     for (t_name, t_hp), (o_name, o_hp, label, own, over, space) in itertools.product(
         _task_entries(data), _optimizer_entries(data, tuning is not None)
@@ -403,6 +405,17 @@ def parse_comparison(
         name, tuple(runs), out, description, executor, batch_grid, tuning,
         tuple(studies),
     )  # fmt: skip
+
+
+def _all_seeds(data: dict, file_options: dict, overrides: dict | None) -> tuple:
+    """Every held-out seed of the file: the top level's and each optimizer's own
+    (the default tuning seeds start after the largest)."""
+    seeds = set(RunOptions.from_dict({**file_options, **(overrides or {})}).seeds)
+    entries = data.get("optimizer")
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if isinstance(entry, dict) and "seeds" in entry:
+            seeds |= set(RunOptions.from_dict({"seeds": entry["seeds"]}).seeds)
+    return tuple(sorted(seeds))
 
 
 @dataclasses.dataclass(frozen=True)

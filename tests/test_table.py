@@ -1,5 +1,7 @@
 """The comparison table pools seeds of one configuration, never two configurations."""
 
+import math
+
 import pandas as pd
 import pytest
 from scipy.stats import binomtest
@@ -130,3 +132,20 @@ def test_run_statistics_in_the_run_file_summary():
     # Median of 50, 70, inf, inf is infinite: recorded as None, 2 seeds reached.
     assert stats["median_updates_to_target"] is None
     assert stats["reached_target"] == 2
+
+
+def test_runs_without_a_target_are_not_shown_as_never_reaching_it():
+    # Optimizer A recorded target_loss 0.1 (one of two seeds reached it); B did not
+    # record a target: its target columns stay empty instead of "never reached".
+    a = _outcomes(_config([0, 1], label="A"), ["unsolved"] * 2, [None] * 2)
+    a["target_loss"] = 0.1
+    a["updates_to_target"] = [40, None]
+    a["grad_equivalents_to_target"] = [80.0, None]
+    b = _outcomes(_config([0, 1], label="B"), ["unsolved"] * 2, [None] * 2)
+    table = comparison_table(pd.concat([a, b], ignore_index=True)).set_index(
+        "optimizer"
+    )
+    assert table.loc["A", "target"] == 0.1 and table.loc["A", "reached"] == 1
+    assert table.loc["A", "updates_to_target"] == math.inf  # median of 40 and inf
+    assert pd.isna(table.loc["B", "updates_to_target"])
+    assert pd.isna(table.loc["B", "reached"])

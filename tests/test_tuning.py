@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 
 from analysis.report import write_report
-from analysis.results import TUNING_DIR, Results, read_run, run_files
+from analysis.results import TUNING_DIR, Results, read_run, run_files, write_tuning
+from analysis.sensitivity import tuning_table
 from runner.cli import main
+from runner.compare import _set_aside
 from runner.config import parse_comparison
 from runner.tuning import SearchSpace, choose, trial_score, unit_points
 from tasks import ConfigError
@@ -228,3 +230,69 @@ def test_tuned_comparison_end_to_end(tmp_path, capsys):
     assert "Tuning (grad_equivalents" in text and "0.5" in text
     page = write_report(out).read_text()
     assert 'id="tuning"' in page and 'id="sensitivity"' in page
+
+
+def test_held_out_runs_of_trials_no_longer_chosen_are_set_aside(tmp_path):
+    # An earlier invocation chose trial 1 and trained its held-out run; now trial 2
+    # is chosen: trial 1's held-out files move to tuning/superseded, so the table
+    # never shows two rows under one label.
+    comparison = _comparison(
+        {"name": "sgd", "label": "SGD", "search": {"learning_rate": [0.1, 0.2]}},
+        {"trials": 2, "sampler": "grid"},
+    )
+    (study,) = comparison.studies
+    stale = tmp_path / f"{study.held_out[0].run_id}.json"
+    stale.write_text("{}")
+    stale.with_suffix(".params.npz").write_bytes(b"")
+    (stale.with_suffix(".ckpt")).mkdir()
+    kept = tmp_path / f"{study.held_out[1].run_id}.json"
+    kept.write_text("{}")
+    _set_aside(study, 1, tmp_path)
+    moved = tmp_path / TUNING_DIR / "superseded"
+    assert sorted(p.name for p in moved.iterdir()) == sorted(
+        [stale.name, stale.with_suffix(".params.npz").name,
+         stale.with_suffix(".ckpt").name]
+    )  # fmt: skip
+    assert not stale.exists() and kept.exists()
+
+
+def _study(index, task, lr_chosen):
+    trials = [
+        {"trial": i + 1, "run_id": f"r{index}-{i}", "hparams": {"learning_rate": lr},
+         "solved_fraction": 0.0, "median_cost": None, "final_loss": 1.0 - lr,
+         "error": None}
+        for i, lr in enumerate([0.1, lr_chosen])
+    ]  # fmt: skip
+    return {
+        "study": index, "label": "SGD", "optimizer": "sgd", "task": task,
+        "space": {"learning_rate": {"choice": [0.1, lr_chosen]}}, "trials": trials,
+        "chosen": 1, "run_id": f"held-{index}",
+    }  # fmt: skip
+
+
+def test_tuning_table_has_one_row_per_study(tmp_path):
+    # Studies that differ in length, in a setting outside (task, length, init), or
+    # that lack a length altogether each keep their own row and choice.
+    tasks = [
+        {"name": "temporal_order", "length": 20, "hidden": 8},
+        {"name": "temporal_order", "length": 200, "min_length": 50, "hidden": 8},
+        {"name": "temporal_order", "length": 200, "hidden": 8},
+        {"name": "temporal_order", "length": 200, "hidden": 16},
+        {"name": "wall"},
+    ]
+    studies = [_study(i, task, 0.2 + i / 10) for i, task in enumerate(tasks)]
+    write_tuning(tmp_path, "t", {"criterion": "updates"}, studies)
+    table = tuning_table(Results.load(tmp_path, require=False).tuning)
+    assert len(table) == 5
+    assert table["learning_rate"].tolist() == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6])
+    assert table["median_cost"].tolist() == [math.inf] * 5  # null: never solved
+
+
+def test_default_tuning_seeds_follow_every_held_out_seed():
+    # An optimizer's own seeds = 6 (0..5) is held out too: tuning takes 6 and 7.
+    comparison = _comparison(
+        {"name": "sgd", "seeds": 6, "search": "deepobs_lr"}, {"trials": 2}
+    )
+    (study,) = comparison.studies
+    assert study.trials[0].options.seeds == (6, 7)
+    assert study.held_out[0].options.seeds == tuple(range(6))
