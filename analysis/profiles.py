@@ -189,6 +189,36 @@ def performance_profile(costs: pd.DataFrame, taus: ArrayLike) -> pd.DataFrame:
     )
 
 
+def profile_scores(costs: pd.DataFrame, max_tau: float = 4.0) -> pd.Series:
+    """AlgoPerf's score: the profile's mean height over ``1 <= tau <= max_tau``.
+
+    ``score_s = 1 / (max_tau - 1) * integral_1^max_tau rho_s(tau) dtau`` (Dahl et
+    al. 2023 integrate to ``tau = 4``). The profile is a step function, so the
+    integral is exact: a problem solved at ratio ``r <= max_tau`` adds
+    ``(max_tau - r) / (max_tau - 1)`` over the number of problems. 1 means the
+    fastest on every problem; 0 means never within ``max_tau`` of the fastest.
+    """
+    if not max_tau > 1:
+        raise ValueError(f"max_tau = {max_tau!r} must be greater than 1")
+    ratios = performance_ratios(costs).to_numpy()
+    if ratios.shape[0] == 0:
+        return pd.Series(np.nan, index=costs.columns, name="score")
+    share = np.clip(max_tau - ratios, 0.0, None) / (max_tau - 1)
+    return pd.Series(share.mean(axis=0), index=costs.columns, name="score")
+
+
+def score_table(
+    summary: pd.DataFrame,
+    costs: tuple[str, ...] = ("updates", "grad_equivalents", "seconds"),
+    max_tau: float = 4.0,
+) -> pd.DataFrame:
+    """:func:`profile_scores` per optimizer (rows) and cost (columns)."""
+    present = [c for c in costs if _cost_column(c) in summary.columns]
+    return pd.DataFrame(
+        {c: profile_scores(problem_costs(summary, c), max_tau) for c in present}
+    ).rename_axis("optimizer")
+
+
 def _tau_grid(ratios: pd.DataFrame, max_tau: float | None) -> tuple[np.ndarray, float]:
     """The profile's breakpoints from 1 to ``max_tau`` and ``max_tau`` itself.
 

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from analysis import curvature_plots as cp
 from analysis import plots
-from analysis.profiles import problem_costs, profile_figure
+from analysis.profiles import problem_costs, profile_figure, score_table
 from analysis.results import Results
 from analysis.sensitivity import sensitivity_figure, tuning_table
 from analysis.table import comparison_table, group_columns
@@ -104,13 +104,20 @@ def _spectrum(results: Results, x: str = "step") -> Figure | None:
     return cp.spectrum_plot(probes, palette(results), records=records, x=x)
 
 
-def _profiles(results: Results) -> Figure | None:
+def _profiles_apply(results: Results) -> bool:
+    """Profiles need two optimizers and two problems (task configurations)."""
     summary = results.summary
-    if not _has(summary, "status", "optimizer") or summary["optimizer"].nunique() < 2:
+    if not _has(summary, "status", "optimizer", "steps_to_solve"):
+        return False
+    if summary["optimizer"].nunique() < 2:
+        return False
+    return len(problem_costs(summary, "updates")) >= 2
+
+
+def _profiles(results: Results) -> Figure | None:
+    if not _profiles_apply(results):
         return None
-    if len(problem_costs(summary, "updates")) < 2:
-        return None
-    return profile_figure(summary, palette=palette(results))
+    return profile_figure(results.summary, palette=palette(results))
 
 
 def _sensitivity(results: Results) -> Figure | None:
@@ -421,6 +428,15 @@ def write_report(
         ]
     else:
         parts.append(f"<p>{html.escape(info)}; growth experiments only.</p>")
+    if results.runs and _profiles_apply(results):
+        scores = score_table(results.summary).reset_index()
+        parts += [
+            "<h2>Performance-profile scores</h2><p>AlgoPerf's score: the mean "
+            "height of each optimizer's performance profile for 1 &le; tau &le; 4 "
+            "(1: the fastest on every task configuration; 0: never within 4x of "
+            "the fastest), in updates, gradient-equivalents and seconds.</p>",
+            html_table(scores, {c: "{:.3f}" for c in scores.columns[1:]}, "scores"),
+        ]
     if not results.tuning.empty:
         parts += [
             "<h2>Tuning</h2><p>What tuning chose for each optimizer and task "

@@ -13,6 +13,7 @@ from analysis.profiles import (
     problem_costs,
     problem_keys,
     profile_figure,
+    profile_scores,
 )
 from analysis.results import config_columns
 
@@ -155,3 +156,21 @@ def test_figure_with_one_cost_and_a_missing_column():
     assert len(_visible(fig)[1].get_lines()) == 0
     with pytest.raises(ValueError, match="updates"):
         profile_figure(_summary(), costs=("flops",))
+
+
+def test_profile_scores_integrate_the_step_function():
+    # Two problems. A is fastest on both (ratio 1, 1); B has ratios 2 and inf;
+    # C has ratio 4 and 3. Over tau in [1, 4]: A's profile is 1 everywhere (score
+    # 1); B's is 1/2 from tau = 2 on: (4 - 2) / 3 / 2 = 1/3; C's is 1/2 from 3
+    # and 1 from 4: ((4 - 4) + (4 - 3)) / 3 / 2 = 1/6.
+    costs = pd.DataFrame(
+        {"A": [10.0, 5.0], "B": [20.0, np.inf], "C": [40.0, 15.0]},
+        index=pd.Index(["p1", "p2"], name="task"),
+    )
+    scores = profile_scores(costs, max_tau=4.0)
+    np.testing.assert_allclose(scores[["A", "B", "C"]], [1.0, 1 / 3, 1 / 6])
+    # The same by numerical integration of the profile on a fine grid.
+    taus = np.linspace(1.0, 4.0, 300_001)
+    rho = performance_profile(costs, taus)
+    numeric = np.trapezoid(rho.to_numpy(), taus, axis=0) / 3.0
+    np.testing.assert_allclose(scores.to_numpy(), numeric, atol=1e-4)
