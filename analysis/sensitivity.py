@@ -49,7 +49,7 @@ def _task_keys(trials: pd.DataFrame) -> list[str]:
     columns = [
         c for c in trials.columns if c not in _NOT_TASK and not c.startswith("hp_")
     ]
-    varying = [c for c in columns if trials[c].astype(str).nunique() > 1]
+    varying = [c for c in columns if trials[c].astype(str).nunique(dropna=False) > 1]
     return sorted(varying, key=lambda c: (c != "task", c != "length", c != "init"))
 
 

@@ -236,7 +236,9 @@ def _constant_columns(
     if not candidates or records.empty:
         return candidates
     text = records[candidates].astype(str)
-    counts = text.groupby([records[k] for k in keys], dropna=False).nunique()
+    counts = text.groupby([records[k] for k in keys], dropna=False).nunique(
+        dropna=False
+    )
     return [c for c in candidates if (counts[c] <= 1).all()]
 
 

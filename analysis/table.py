@@ -37,7 +37,7 @@ def group_columns(summary: pd.DataFrame) -> list[str]:
         if c not in _NOT_KEYS
         and c not in _RUN_OPTIONS
         and not c.startswith("opt_")
-        and summary[c].astype(str).nunique() > 1
+        and summary[c].astype(str).nunique(dropna=False) > 1
     ]
     fixed_first = [c for c in ("length", "init") if c in varying]
     rest = [c for c in varying if c not in fixed_first]
@@ -61,7 +61,7 @@ def _distinguishing(summary: pd.DataFrame, keys: list[str], config: list[str]):
         c
         for c in config
         if (c in _RUN_OPTIONS or c.startswith("opt_"))
-        and grouped[c].agg(lambda v: v.astype(str).nunique()).max() > 1
+        and grouped[c].agg(lambda v: v.astype(str).nunique(dropna=False)).max() > 1
     ]
     return extra
 

@@ -149,3 +149,15 @@ def test_runs_without_a_target_are_not_shown_as_never_reaching_it():
     assert table.loc["A", "updates_to_target"] == math.inf  # median of 40 and inf
     assert pd.isna(table.loc["B", "updates_to_target"])
     assert pd.isna(table.loc["B", "reached"])
+
+
+def test_a_setting_missing_in_some_runs_still_tells_rows_apart():
+    # Fixed length 200 (min_length unset) and lengths 50-200 (min_length 50): two
+    # rows, told apart by a min_length column (pandas 3 strings keep NaN missing).
+    fixed = {**_config([0, 1]), "run_id": "fixed"}
+    ranged = _config([0, 1])
+    ranged = {**ranged, "task": {**ranged["task"], "min_length": 50}, "run_id": "r"}
+    fixed["task"] = {**fixed["task"], "min_length": None}
+    table = comparison_table(_summary(fixed, ranged))
+    assert len(table) == 2 and "min_length" in table.columns
+    assert table["min_length"].isna().sum() == 1
