@@ -466,12 +466,13 @@ def success_rates(summary: pd.DataFrame, confidence: float = 0.95) -> pd.DataFra
 
 
 def _dodge(lengths: np.ndarray, n: int, spread: float = 0.3) -> np.ndarray:
-    """Sideways offsets of ``n`` series: together ``spread`` of the smallest gap."""
+    """Sideways offsets of ``n`` series: ``spread / 3`` of the smallest gap apart
+    (at most ``spread`` together), so two series sit close to their length."""
     gaps = np.diff(np.unique(lengths))
     gap = float(gaps.min()) if len(gaps) else 1.0
     if n < 2:
         return np.zeros(max(n, 1))
-    return (np.arange(n) - (n - 1) / 2) * spread * gap / (n - 1)
+    return (np.arange(n) - (n - 1) / 2) * spread * gap / max(n - 1, 3)
 
 
 def success_vs_length(

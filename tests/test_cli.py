@@ -210,11 +210,13 @@ def test_console_script_lists(tmp_path):
     assert "unknown task 'x'" in proc.stderr
 
 
-@pytest.mark.slow  # builds all 96 runs of the seven shipped comparisons
+@pytest.mark.slow  # validates every run and tuning trial of the shipped comparisons
 def test_shipped_experiments_are_valid():
     for file in sorted((ROOT / "experiments").glob("*.toml")):
         comparison = read_comparison(file)
-        assert comparison.runs, file
+        assert comparison.runs or comparison.studies, file
+        for study in comparison.studies:  # tuned: trials and held-out twins
+            assert len(study.trials) == len(study.held_out) == comparison.tuning.trials
 
 
 def test_optimizer_overrides_task_settings_and_run_arguments():
