@@ -77,7 +77,8 @@ def test_batched_grid_with_a_work_budget_matches_the_runs_alone(tmp_path):
             "eval_size": 64, "work_budget": 120.0,
             "task": [{"name": "addition", "length": 10, "hidden": 6,
                       "batch_size": 8}],
-            "optimizer": [{"name": "hf", "max_cg_iters": 20,
+            "optimizer": [{"name": "hf", "max_cg_iters": 10, "backtrack": False,
+                           "line_search": False,
                            "grid": {"damping": [0.01, 100.0]}}],
         }
     )  # fmt: skip

@@ -73,9 +73,14 @@ def reference(
     )
     base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x6576616C)
     base = jax.random.fold_in(base, length)
-    keys = jnp.stack([jax.random.fold_in(base, j) for j in range(count)])
-    batches = jax.vmap(lambda k: task.sample_batch(k, 1))(keys)
-    outputs, _ = jax.vmap(lambda x: task.apply(params, x))(batches.inputs)
+
+    @jax.jit  # one program, not one dispatch per operation
+    def forward(params, base):
+        keys = jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(count))
+        batches = jax.vmap(lambda k: task.sample_batch(k, 1))(keys)
+        return batches, jax.vmap(lambda x: task.apply(params, x))(batches.inputs)[0]
+
+    batches, outputs = forward(params, base)
     lengths = np.asarray(batches.lengths)[:, 0]
     assert (lengths == length).all()
     index = np.arange(count)
@@ -94,8 +99,9 @@ def test_sequences_follow_the_documented_keys_whatever_the_batch():
     whole = sample_sequences(task, key, jnp.uint32(0), 5)
     tail = sample_sequences(task, key, jnp.uint32(3), 2)
     base = jax.random.fold_in(jax.random.PRNGKey(7), 0x6576616C)
+    sample_one = jax.jit(lambda k: task.sample_batch(k, 1))
     for j in range(5):
-        one = task.sample_batch(jax.random.fold_in(jax.random.fold_in(base, 12), j), 1)
+        one = sample_one(jax.random.fold_in(jax.random.fold_in(base, 12), j))
         for field in ("inputs", "targets", "mask"):
             np.testing.assert_array_equal(
                 getattr(whole, field)[:, j], getattr(one, field)[:, 0]
@@ -111,18 +117,18 @@ def test_sequences_follow_the_documented_keys_whatever_the_batch():
 def test_counts_match_an_independent_reference(tmp_path):
     params = init_params([0, 1])
     path = write_hand_run(tmp_path, params, [0, 1], ["solved", "unsolved"])
-    frame = evaluate(path, [12, 30], sequences=150, batch=64, seed=3)
+    frame = evaluate(path, [12, 15], sequences=80, batch=40, seed=3)
     assert list(frame.columns) == list(COLUMNS)
     assert frame[["seed", "length"]].values.tolist() == [[0, 12], [1, 12],
-                                                         [0, 30], [1, 30]]  # fmt: skip
+                                                         [0, 15], [1, 15]]  # fmt: skip
     for row in frame.itertuples():
         one = jax.tree.map(lambda p, i=row.seed: p[i], params)
-        errors, loss = reference(one, HPARAMS, 3, row.length, 150)
+        errors, loss = reference(one, HPARAMS, 3, row.length, 80)
         assert row.errors == errors
-        assert 0 < errors < 150  # random weights: a real test of the count
-        assert row.error_rate == errors / 150
+        assert 0 < errors < 80  # random weights: a real test of the count
+        assert row.error_rate == errors / 80
         np.testing.assert_allclose(row.loss, loss, rtol=1e-5)
-    assert frame["sequences"].eq(150).all() and frame["step"].isna().all()
+    assert frame["sequences"].eq(80).all() and frame["step"].isna().all()
     assert frame["training_status"].tolist() == ["solved", "unsolved"] * 2
     assert (frame["run_id"] == "hand").all() and (frame["optimizer"] == "by hand").all()
     table = format_table(frame)
@@ -132,7 +138,7 @@ def test_counts_match_an_independent_reference(tmp_path):
 def test_batch_size_and_order_of_lengths_do_not_change_the_counts(tmp_path):
     path = write_hand_run(tmp_path, init_params([5]), [5])
     a = evaluate(path, [15, 11], sequences=40, batch=40)
-    b = evaluate(path, [11, 15], sequences=40, batch=7)
+    b = evaluate(path, [11, 15], sequences=40, batch=8)
     b = b.set_index("length").loc[[15, 11]].reset_index()
     np.testing.assert_array_equal(a["errors"], b["errors"])
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
@@ -145,7 +151,7 @@ def test_a_constant_readout_is_wrong_on_every_other_class(tmp_path):
     params["W_out"] = jnp.zeros_like(params["W_out"])
     params["b_out"] = jnp.array([[0.0, 0.0, 5.0, 0.0]])  # always predicts class 2
     path = write_hand_run(tmp_path, params, [0])
-    frame = evaluate(path, [10, 100], sequences=90, batch=40, seed=11)
+    frame = evaluate(path, [11, 15], sequences=80, batch=40, seed=11)
     for row in frame.itertuples():
         task = make_task(
             "temporal_order", **{**HPARAMS, "length": row.length,
@@ -153,12 +159,15 @@ def test_a_constant_readout_is_wrong_on_every_other_class(tmp_path):
         )  # fmt: skip
         base = jax.random.fold_in(jax.random.PRNGKey(11), 0x6576616C)
         base = jax.random.fold_in(base, row.length)
-        keys = jax.vmap(lambda j, b=base: jax.random.fold_in(b, j))(jnp.arange(90))
-        targets = jax.vmap(lambda k, t=task: t.sample_batch(k, 1).targets[-1, 0])(keys)
+        targets = jax.jit(
+            lambda b, t=task: jax.vmap(
+                lambda j: t.sample_batch(jax.random.fold_in(b, j), 1).targets[-1, 0]
+            )(jnp.arange(80))
+        )(base)
         other = int((targets != 2).sum())
         assert row.errors == other
         log_z = np.log(3.0 + np.exp(5.0))
-        expected = (other * log_z + (90 - other) * (log_z - 5.0)) / 90
+        expected = (other * log_z + (80 - other) * (log_z - 5.0)) / 80
         np.testing.assert_allclose(row.loss, expected, rtol=1e-5)
 
 
@@ -173,9 +182,9 @@ def test_a_plug_in_task_by_import_path(tmp_path):
         tmp_path, init_params([2]), [2], task="tasks.sequence:temporal_order",
         run_id="plugin",
     )  # fmt: skip
-    frame = evaluate(path, [12], sequences=30, batch=30)
+    frame = evaluate(path, [12], sequences=80, batch=40)
     one = jax.tree.map(lambda p: p[0], init_params([2]))
-    assert frame["errors"].item() == reference(one, HPARAMS, 0, 12, 30)[0]
+    assert frame["errors"].item() == reference(one, HPARAMS, 0, 12, 80)[0]
     assert frame["task"].item() == "tasks.sequence:temporal_order"
 
 
@@ -241,11 +250,11 @@ def test_cli_bad_input_exits_2_with_one_line(hand_run, tmp_path, capsys):
 
 def test_cli_prints_the_table_and_writes_csv(hand_run, tmp_path, capsys):
     csv = tmp_path / "out" / "eval.csv"
-    code = main(["evaluate", str(hand_run), "--length", "12", "16", "--sequences",
-                 "40", "--batch", "20", "--seed", "4", "--csv", str(csv)])  # fmt: skip
+    code = main(["evaluate", str(hand_run), "--length", "12", "15", "--sequences",
+                 "40", "--batch", "40", "--seed", "4", "--csv", str(csv)])  # fmt: skip
     assert code == 0
     captured = capsys.readouterr()
-    assert "length 16 seed 1:" in captured.err  # progress
+    assert "length 15 seed 1:" in captured.err  # progress
     lines = captured.out.splitlines()
     assert lines[0] == "hand: task temporal_order, optimizer by hand, final parameters"
     assert lines[1].split() == ["seed", "length", "sequences", "errors", "error_rate",
@@ -253,14 +262,14 @@ def test_cli_prints_the_table_and_writes_csv(hand_run, tmp_path, capsys):
     rows = [line.split() for line in lines[2:8]]
     assert [row[:3] for row in rows] == [
         ["0", "12", "40"], ["1", "12", "40"], ["all", "12", "80"],
-        ["0", "16", "40"], ["1", "16", "40"], ["all", "16", "80"],
+        ["0", "15", "40"], ["1", "15", "40"], ["all", "15", "80"],
     ]  # fmt: skip
     assert rows[2][6:8] == ["0/2", "solved"]
     assert f"csv: {csv}" in captured.out
     written = pd.read_csv(csv)
     assert list(written.columns) == list(COLUMNS)
-    assert written[["seed", "length"]].values.tolist() == [[0, 12], [1, 12], [0, 16],
-                                                           [1, 16]]  # fmt: skip
+    assert written[["seed", "length"]].values.tolist() == [[0, 12], [1, 12], [0, 15],
+                                                           [1, 15]]  # fmt: skip
     printed = [int(row[3]) for row in rows if row[0] != "all"]
     assert written["errors"].tolist() == printed
     assert int(rows[2][3]) == printed[0] + printed[1]
@@ -274,22 +283,22 @@ def test_a_trained_run_and_its_checkpoint(tmp_path, capsys):
         "temporal_order", "sgd_clip", seeds=[1, 2], steps=20, eval_every=10,
         eval_size=20, task_hparams=hp, checkpoint_every=10, out=tmp_path,
     )  # fmt: skip
-    final = evaluate(result.path, sequences=120, batch=60)  # its own length, 12
+    final = evaluate(result.path, sequences=80, batch=40)  # its own length, 12
     assert final["length"].tolist() == [12, 12]
     statuses = dict(zip(result.summary["seed"], result.summary["status"], strict=True))
     for row in final.itertuples():
         i = [1, 2].index(row.seed)
         one = jax.tree.map(lambda p, i=i: np.asarray(p[i]), result.params)
-        errors, loss = reference(one, hp, 0, 12, 120)
+        errors, loss = reference(one, hp, 0, 12, 80)
         assert row.errors == errors
         np.testing.assert_allclose(row.loss, loss, rtol=1e-5)
         assert row.training_status == statuses[row.seed]
     code = main(["evaluate", str(result.path), "--step", "10", "--length", "12",
-                 "40", "--sequences", "120", "--batch", "60", "--quiet"])  # fmt: skip
+                 "15", "--sequences", "80", "--batch", "40", "--quiet"])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert "step 10" in out.splitlines()[0]
-    at_10 = evaluate(result.path, [12], sequences=120, batch=60, step=10)
+    at_10 = evaluate(result.path, [12], sequences=80, batch=40, step=10)
     assert at_10["step"].tolist() == [10, 10]
     assert main(["evaluate", str(result.path), "--step", "15"]) == 2
     assert "saved steps: [10, 20]" in capsys.readouterr().err
