@@ -25,6 +25,7 @@ from analysis.plots import (
     optimizer_palette,
     panel_grid,
 )
+from analysis.table import markdown_table
 
 #: Columns of a trial row that are not task settings.
 _NOT_TASK = {
@@ -106,9 +107,7 @@ def format_tuning(trials: pd.DataFrame, markdown: bool = False) -> str:
     )
     if not markdown:
         return head + "\n" + shown.to_string(index=False)
-    rows = [list(shown.columns), ["---"] * len(shown.columns)]
-    rows += [list(r) for r in shown.itertuples(index=False)]
-    return head + "\n\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    return head + "\n\n" + markdown_table(shown)
 
 
 def trial_criterion(trials: pd.DataFrame) -> pd.Series:

@@ -242,7 +242,7 @@ def _constant_columns(
     return [c for c in candidates if (counts[c] <= 1).all()]
 
 
-def _first_reached(group: pd.DataFrame, column: str, target: float, cost: str) -> float:
+def first_reached(group: pd.DataFrame, column: str, target: float, cost: str) -> float:
     """``cost`` at the first record (by step) with ``column <= target``, else inf."""
     rows = group.sort_values("step", kind="stable") if "step" in group else group
     values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
@@ -302,7 +302,7 @@ def time_to_target(
     rows = []
     for _, group in records.groupby(keys, sort=True, dropna=False):
         row = {c: group[c].iloc[0] for c in [*keys, *config]}
-        row[out_name] = _first_reached(group, column, float(target), cost)
+        row[out_name] = first_reached(group, column, float(target), cost)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=[*keys, *config, out_name])
     frame[out_name] = frame[out_name].astype(float)

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import Results
-from analysis.sensitivity import format_tuning
 from analysis.stats import interval_columns, time_to_target
 
 #: Configuration columns that never define a group on their own.
@@ -233,10 +232,13 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
             shown[col] = shown[col].map(
                 lambda x, f=fmt: "-" if pd.isna(x) or np.isinf(x) else f.format(x)
             )
-    if not markdown:
-        return shown.to_string(index=False)
-    rows = [list(shown.columns), ["---"] * len(shown.columns)]
-    rows += [[str(v) for v in row] for row in shown.itertuples(index=False)]
+    return markdown_table(shown) if markdown else shown.to_string(index=False)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A frame of display strings as a Markdown table."""
+    rows = [list(frame.columns), ["---"] * len(frame.columns)]
+    rows += [[str(v) for v in row] for row in frame.itertuples(index=False)]
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
@@ -258,5 +260,7 @@ def show(
         results = Results.load(results)
     records = results.records if target is not None else None
     text = format_table(comparison_table(results.summary, records, target), markdown)
+    from analysis.sensitivity import format_tuning  # it formats with this module
+
     tuning = format_tuning(results.tuning, markdown)
     return text + ("\n\n" + tuning if tuning else "")

@@ -15,8 +15,10 @@ from typing import Any
 
 import jax
 import numpy as np
+import pandas as pd
 
 from analysis.results import write_checkpoint
+from analysis.stats import first_reached
 from runner.loop import Chunk, RunState
 from runner.train import spectral_radii
 from tasks.base import Task
@@ -193,11 +195,11 @@ def seed_summary(
 
 
 def _to_target(records: list[dict], seed: int, target: float) -> dict[str, Any]:
-    hit = next(
-        (r for r in records if r["seed"] == seed and r["eval_loss"] <= target), None
-    )
-    return {
-        "updates_to_target": None if hit is None else hit["updates"],
-        "grad_equivalents_to_target": None if hit is None else hit["grad_equivalents"],
-        "seconds_to_target": None if hit is None else hit["seconds"],
-    }
+    """Updates, gradient-equivalents and seconds at the seed's first evaluation
+    with a loss at most ``target`` (None: never)."""
+    rows = pd.DataFrame([r for r in records if r["seed"] == seed])
+    out = {}
+    for cost in ("updates", "grad_equivalents", "seconds"):
+        value = first_reached(rows, "eval_loss", target, cost) if len(rows) else np.inf
+        out[f"{cost}_to_target"] = value if np.isfinite(value) else None
+    return out
