@@ -38,14 +38,10 @@ from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
 from analysis.plots import Palette, optimizer_legend, optimizer_palette, panel_grid
+from analysis.stats import COST_COLUMNS
 from analysis.table import group_columns
 
 #: Summary column of each cost a profile can use.
-COST_COLUMNS = {
-    "updates": "steps_to_solve",
-    "grad_equivalents": "grad_equivalents_to_solve",
-    "seconds": "seconds_to_solve",
-}
 #: Axis and panel labels of the costs.
 COST_LABELS = {
     "updates": "updates to solve",

@@ -34,6 +34,12 @@ from numpy.typing import ArrayLike
 from scipy import stats
 
 #: Cost columns of the records that :func:`time_to_target` can report.
+#: Summary column of each cost to solve (tables, profiles, tuning criteria).
+COST_COLUMNS = {
+    "updates": "steps_to_solve",
+    "grad_equivalents": "grad_equivalents_to_solve",
+    "seconds": "seconds_to_solve",
+}
 TARGET_COSTS = ("step", "updates", "grad_equivalents", "seconds")
 #: Per-record measurements: never configuration columns in :func:`time_to_target`.
 _MEASURED = {

@@ -55,16 +55,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import qmc
 
+from analysis.stats import COST_COLUMNS
 from tasks.hparams import ConfigError
 
 SAMPLERS = ("sobol", "halton", "grid")
 CRITERIA = ("grad_equivalents", "updates", "seconds", "eval_loss")
-#: Summary column of each cost criterion.
-COST_COLUMNS = {
-    "updates": "steps_to_solve",
-    "grad_equivalents": "grad_equivalents_to_solve",
-    "seconds": "seconds_to_solve",
-}
 KINDS = ("log_uniform", "uniform", "choice")
 #: Named search spaces. ``deepobs_lr``: the learning rate alone on a log scale over
 #: DeepOBS's range, 1e-5 to 1e2 (Schneider et al. 2019 used 36 grid points there:
