@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from tasks.datacache import atomic_write
 from tasks.hparams import ConfigError
 
 #: Version of the run-file layout written by :func:`write_run`.
@@ -75,26 +73,6 @@ class RunResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- writing
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        # mkstemp creates 0600; a result file gets the permissions of any new file.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonable(value: Any, exact: bool = False) -> Any:
     """Plain JSON values. JSON has no NaN or infinity: they become None (which
     pandas reads back as NaN) or, ``exact``, ``{"__float__": "nan"}`` (restored by
@@ -112,11 +90,11 @@ def _jsonable(value: Any, exact: bool = False) -> Any:
 
 def _write_json(path: Path, payload: dict) -> None:
     data = json.dumps(_jsonable(payload), indent=1, sort_keys=False).encode()
-    _atomic_write(path, lambda handle: handle.write(data))
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    _atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:

@@ -189,11 +189,11 @@ def _train_batch(configs: list[RunConfig], out: Path, progress: Any) -> list:
         else c
         for c in callbacks
     ]
-    # After the success test and the work budget (which retire seeds), before
-    # anything that saves.
+    # After the success test, the work budget and early stopping (which retire
+    # seeds), before anything that saves.
     retiring = max(
         i for i, c in enumerate(callbacks)
-        if isinstance(c, cb.SuccessTest | cb.WorkBudget)
+        if isinstance(c, cb.SuccessTest | cb.WorkBudget | cb.EarlyStopping)
     )  # fmt: skip
     callbacks.insert(retiring + 1, _MemberEnds(n_members, n_seeds))
     train(program, run_state, opts.steps, opts.eval_every, callbacks)
@@ -240,6 +240,20 @@ def _member(run: RunState, g: int, n_seeds: int, seeds: list[int], eval_every: i
         probes=rows(run.probes),
         traces=traces,
         solved_at={i - lo: v for i, v in run.solved_at.items() if lo <= i < hi},
-        callback_state={},
+        callback_state=_member_callback_state(run.callback_state, lo, hi),
         next_chunk=chunks if chunks is not None else run.next_chunk,
     )
+
+
+def _member_callback_state(state: dict, lo: int, hi: int) -> dict:
+    """The per-seed callback state of seeds ``lo..hi-1``, renumbered from 0."""
+    if "early_stopping" not in state:
+        return {}
+    memo = state["early_stopping"]
+    return {
+        "early_stopping": {
+            "best": memo["best"][lo:hi],
+            "since": memo["since"][lo:hi],
+            "stopped": [i - lo for i in memo["stopped"] if lo <= i < hi],
+        }
+    }

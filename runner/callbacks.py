@@ -41,6 +41,8 @@ class SuccessTest:
         pass
 
     def on_chunk(self, run: RunState, chunk: Chunk) -> None:
+        if self.success is None:  # a task without a success test
+            return
         start = time.perf_counter()
         state = run.state
         candidates = np.flatnonzero(
@@ -83,6 +85,48 @@ class WorkBudget:
         active = np.asarray(run.state.active)
         if (spent & active).any():
             run.state = run.state._replace(active=run.state.active & ~spent)
+
+
+class EarlyStopping:
+    """Retire a seed after ``patience`` evaluations without a new best ``eval_loss``.
+
+    Runs after :class:`Records`. The evaluation loss is the validation loss of a
+    task with held-out data (:meth:`tasks.base.Task.evaluation_batch`), else the
+    loss on fresh sequences. A non-finite loss is never a best. The best losses and
+    counts live in ``run.callback_state["early_stopping"]``, so a resumed run
+    carries them on; stopped seeds end with the status ``stopped``.
+    """
+
+    def __init__(self, patience: int | None, seeds: list[int]) -> None:
+        self.patience, self.seeds = patience, seeds
+
+    def on_start(self, run: RunState) -> None:
+        if self.patience is not None:
+            n = len(self.seeds)
+            run.callback_state.setdefault(
+                "early_stopping", {"best": [None] * n, "since": [0] * n, "stopped": []}
+            )
+
+    def on_chunk(self, run: RunState, chunk: Chunk) -> None:
+        if self.patience is None:
+            return
+        memo = run.callback_state["early_stopping"]
+        active = np.asarray(run.state.active)
+        losses = np.asarray(chunk.summary["eval_loss"], dtype=float)
+        stop = []
+        for i in np.flatnonzero(chunk.was_active):
+            best, loss = memo["best"][i], losses[i]
+            if np.isfinite(loss) and (best is None or loss < best):
+                memo["best"][i], memo["since"][i] = float(loss), 0
+            else:
+                memo["since"][i] += 1
+            if active[i] and memo["since"][i] >= self.patience:
+                stop.append(int(i))
+        if stop:
+            memo["stopped"] += stop
+            run.state = run.state._replace(
+                active=run.state.active.at[np.array(stop)].set(False)
+            )
 
 
 class Records:
@@ -161,9 +205,17 @@ class Progress:
 
 
 def seed_summary(
-    seeds: list[int], run: RunState, target_loss: float | None = None
+    seeds: list[int],
+    run: RunState,
+    target_loss: float | None = None,
+    solvable: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per seed: outcome, work and time to solve, last evaluation error.
+
+    The status is ``solved``, ``diverged``, ``stopped`` (early stopping), or, at the
+    end of the budget, ``unsolved`` (``finished`` on a task without a success test,
+    ``solvable=False``). On a task with held-out data the row also has the best
+    evaluation (:func:`_best_evaluation`).
 
     With ``target_loss``: also the updates, gradient-equivalents and seconds at the
     first evaluation whose loss was at most the target (None: never reached).
@@ -172,6 +224,7 @@ def seed_summary(
     diverged = np.asarray(run.state.diverged_step)
     updates = np.asarray(run.state.updates)
     last = {r["seed"]: r for r in run.records}
+    stopped = set(run.callback_state.get("early_stopping", {}).get("stopped", []))
     for i, seed in enumerate(seeds):
         row: dict[str, Any] = {"seed": seed, "updates": int(updates[i])}
         if i in run.solved_at:
@@ -180,18 +233,51 @@ def seed_summary(
             row["grad_evals_to_solve"] = last[seed]["grad_evals"]
             row["grad_equivalents_to_solve"] = last[seed]["grad_equivalents"]
         else:
-            status = "diverged" if diverged[i] >= 0 else "unsolved"
+            status = (
+                "diverged"
+                if diverged[i] >= 0
+                else "stopped"
+                if i in stopped
+                else "unsolved"
+                if solvable
+                else "finished"
+            )
             row.update(status=status, steps_to_solve=None, seconds_to_solve=None)
             row["grad_evals_to_solve"] = None
             row["grad_equivalents_to_solve"] = None
         row["diverged_step"] = int(diverged[i]) if diverged[i] >= 0 else None
         row["final_eval_error"] = last[seed]["eval_error"] if seed in last else None
         row["run_seconds"] = run.seconds
+        row.update(_best_evaluation(run.records, seed))
         if target_loss is not None:
             row["target_loss"] = target_loss
             row.update(_to_target(run.records, seed, target_loss))
         rows.append(row)
     return rows
+
+
+def _best_evaluation(records: list[dict], seed: int) -> dict[str, Any]:
+    """For a task with held-out data (records with ``test_loss``): the evaluation
+    with the lowest finite ``eval_loss`` (validation loss), as ``best_eval_loss``,
+    ``best_updates`` and ``best_step``, and every ``test_*`` measure there as
+    ``test_*_at_best``. Nothing for other tasks; None when no loss was finite."""
+    rows = [r for r in records if r["seed"] == seed and "test_loss" in r]
+    if not rows:
+        return {}
+    finite = [r for r in rows if np.isfinite(r["eval_loss"])]
+    test = [k for k in rows[0] if k.startswith("test_")]
+    if not finite:
+        return {
+            "best_eval_loss": None, "best_updates": None, "best_step": None,
+            **{f"{k}_at_best": None for k in test},
+        }  # fmt: skip
+    best = min(finite, key=lambda r: r["eval_loss"])  # the first of equal losses
+    return {
+        "best_eval_loss": best["eval_loss"],
+        "best_updates": best["updates"],
+        "best_step": best["step"],
+        **{f"{k}_at_best": best[k] for k in test},
+    }
 
 
 def _to_target(records: list[dict], seed: int, target: float) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.worker import ONE_THREAD, Outcome, SlurmRun, WorkerSetup, train_run
+from tasks.datacache import cache_root
 from tasks.hparams import ConfigError
 
 KINDS = ("serial", "local", "dask", "slurm")
@@ -38,11 +39,7 @@ KINDS = ("serial", "local", "dask", "slurm")
 
 def default_cache_dir() -> str:
     """``$CURVBENCH_CACHE/xla`` or ``$XDG_CACHE_HOME/curvbench/xla`` (``~/.cache``)."""
-    root = os.environ.get("CURVBENCH_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        root = Path(xdg) / "curvbench"
-    return str(Path(root) / "xla")
+    return str(cache_root() / "xla")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,11 @@ class RunOptions:
         "seconds until the evaluation loss first fell to this value",
         False,
     )
+    early_stopping: Annotated[int, Range(1, MAX_STEPS)] | None = _option(
+        None,
+        "retire a seed after this many evaluations without a new best evaluation "
+        "(validation) loss; its best evaluation is what tables report",
+    )
     eval_every: Steps = _option(
         100, "steps per compiled chunk; evaluation and success test follow each"
     )

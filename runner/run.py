@@ -147,14 +147,15 @@ def run_callbacks(
     resume_id: str,
     progress: Any = None,
 ) -> list:
-    """The callbacks of a run, in order: success test, work budget, records, probes,
-    checkpoints, resume checkpoints (under ``resume_id``), progress. ``seeds`` label
-    the rows."""
+    """The callbacks of a run, in order: success test, work budget, records, early
+    stopping, probes, checkpoints, resume checkpoints (under ``resume_id``),
+    progress. ``seeds`` label the rows."""
     task, opts = config.task, config.options
     callbacks = [
         cb.SuccessTest(task, program.success),
         cb.WorkBudget(opts.work_budget),
         cb.Records(task, seeds, opts.record_steps),
+        cb.EarlyStopping(opts.early_stopping, seeds),
     ]
     if opts.probe_every is not None:
         callbacks.append(
@@ -188,7 +189,12 @@ def finish_run(
         config=described,
         records=pd.DataFrame(run_state.records),
         summary=pd.DataFrame(
-            cb.seed_summary(seeds, run_state, config.options.target_loss)
+            cb.seed_summary(
+                seeds,
+                run_state,
+                config.options.target_loss,
+                config.task.has_success_test,
+            )
         ),
         params=jax.tree.map(np.asarray, run_state.state.params),
         path=None,
@@ -268,7 +274,11 @@ def compile_program(
             chunk=program.chunk.lower(
                 state, hparams, train_keys, int32, int32
             ).compile(),
-            success=program.success.lower(seed_params, train_keys[0]).compile(),
+            success=(
+                program.success.lower(seed_params, train_keys[0]).compile()
+                if program.success is not None
+                else None
+            ),
         )
         _PROGRAMS[key] = (task, compiled)  # keep the task alive: id() stays unique
     return _PROGRAMS[key][1]

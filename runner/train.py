@@ -73,7 +73,7 @@ class Program(NamedTuple):
 
     init: Callable  # (seed_keys, hparams) -> SeedState
     chunk: Callable  # (state, hparams, eval_keys, step_limit, first_step) -> ...
-    success: Callable  # (params, key) -> error rate on success_sequences
+    success: Callable | None  # (params, key) -> error rate; None: no success test
 
 
 def _select(flag: Array, new: Any, old: Any) -> Any:
@@ -134,7 +134,11 @@ def build_program(s: Settings) -> Program:
     return Program(
         init=jax.jit(init_all),
         chunk=jax.jit(chunk_all, donate_argnums=0),
-        success=jax.jit(functools.partial(_success_one, s.task)),
+        success=(
+            jax.jit(functools.partial(_success_one, s.task))
+            if s.task.has_success_test
+            else None
+        ),
     )
 
 
@@ -246,9 +250,7 @@ def _chunk_one(
     # A fresh evaluation batch per chunk: the seed's evaluation key, folded with the
     # chunk's index.
     eval_key = jax.random.fold_in(eval_key, first_step // s.chunk_steps)
-    metrics = s.task.metrics(state.params, s.task.sample_batch(eval_key, s.eval_size))
-    summary["eval_loss"] = metrics["loss"]
-    summary["eval_error"] = metrics["error_rate"]
+    summary.update(_evaluate(s, state.params, eval_key))
     work = collect_work(state.opt_state)
     summary["grad_evals"] = state.grad_evals + work.grad_evals
     summary["fun_evals"] = work.fun_evals
@@ -261,6 +263,23 @@ def _chunk_one(
         s.curvature_batch_size or s.task.batch_size,
     )
     return state, summary, trace, events
+
+
+def _evaluate(s: Settings, params: Any, eval_key: Array) -> dict[str, Array]:
+    """``eval_*`` metrics: on ``eval_size`` fresh sequences, or, for a task with
+    held-out data, on its whole validation split, with ``test_*`` metrics on its
+    whole test split (``error_rate`` is recorded as ``*_error``)."""
+    validation = s.task.evaluation_batch("validation")
+    if validation is None:
+        batches = {"eval": s.task.sample_batch(eval_key, s.eval_size)}
+    else:
+        batches = {"eval": validation, "test": s.task.evaluation_batch("test")}
+    out = {}
+    for prefix, batch in batches.items():
+        for name, value in s.task.metrics(params, batch).items():
+            name = "error" if name == "error_rate" else name
+            out[f"{prefix}_{name}"] = value
+    return out
 
 
 def _trace_summary(trace: dict[str, Array]) -> dict[str, Array]:

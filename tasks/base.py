@@ -53,6 +53,10 @@ Array = jax.Array
 Params = dict
 
 
+#: The held-out splits of :meth:`Task.evaluation_batch`.
+EVAL_SPLITS = ("validation", "test")
+
+
 class Batch(NamedTuple):
     """A time-major minibatch.
 
@@ -95,8 +99,10 @@ class Task(abc.ABC):
     name: str = "task"
     output_loss: OutputLoss
     batch_size: int = 20
-    #: Fraction of wrong sequences below which the task counts as solved.
-    success_threshold: float = 0.01
+    #: Fraction of wrong sequences below which the task counts as solved; None: the
+    #: task has no success test (natural data): its runs end by their budget or by
+    #: early stopping, and tables report validation and test losses instead.
+    success_threshold: float | None = 0.01
     #: Number of fresh sequences in the success test (Pascanu et al. 2013: 10,000).
     success_sequences: int = 10_000
 
@@ -276,7 +282,28 @@ class Task(abc.ABC):
 
     def success(self, error_rate: float) -> bool:
         """The paper's success test on ``success_sequences`` fresh sequences."""
+        if self.success_threshold is None:
+            return False
         return bool(error_rate < self.success_threshold)
+
+    @property
+    def has_success_test(self) -> bool:
+        """Whether runs on this task can be solved (``success_threshold`` is set)."""
+        return self.success_threshold is not None
+
+    # Held-out data.
+    def evaluation_batch(self, split: str) -> Batch | None:
+        """The whole held-out ``split`` as one fixed batch, or None (the default).
+
+        A task with a fixed dataset returns its ``"validation"`` and ``"test"``
+        splits here (:data:`EVAL_SPLITS`); the runner then evaluates on the whole
+        validation split (``eval_*`` records) and the whole test split (``test_*``
+        records) instead of on fresh samples. Synthetic tasks return None and are
+        evaluated on fresh batches of :meth:`sample_batch`. Must be a pure function
+        of ``split`` (it is called while tracing the training program).
+        """
+        del split
+        return None
 
     def describe(self) -> dict:
         """``{"name": ..., **hyperparameters}``: the validated hyperparameters.

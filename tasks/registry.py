@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tasks import sequence, wall
+from tasks import natural, sequence, wall
 from tasks.base import Task
 from tasks.hparams import ConfigError, check_hparams
 from tasks.plugins import resolve
@@ -23,6 +23,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     "random_permutation": sequence.random_permutation,
     "memorization": sequence.memorization,
     "memorization_5bit": sequence.memorization_5bit,
+    "chorales": natural.chorales,
+    "text": natural.text,
 }
 
 
