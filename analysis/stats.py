@@ -14,6 +14,9 @@ target from the per-chunk records.
 - :func:`time_to_target`: per run and seed, the work spent when an evaluation
   metric first reached a target.
 - :func:`interval_columns`: all of the above per group of a summary frame.
+- :func:`mean_interval` and :func:`heldout_columns`: the mean over seeds of a
+  held-out loss (best validation loss, test loss there) with its Student-t
+  interval, for tasks without a success test.
 
 References:
     E. B. Wilson, "Probable inference, the law of succession, and statistical
@@ -410,6 +413,73 @@ def interval_columns(
     return pd.DataFrame(rows, columns=columns)
 
 
+def mean_interval(values: ArrayLike, confidence: float = 0.95) -> tuple[float, ...]:
+    """Mean of the finite ``values`` and its Student-t interval ``(mean, lo, hi)``.
+
+    ``mean +- t_{(1+c)/2, n-1} s / sqrt(n)`` with ``s`` the sample standard
+    deviation (Student 1908): the interval of a mean over a few seeds, assuming
+    their values are roughly normal. NaN interval for fewer than two values, NaN
+    everything for none.
+    """
+    _check_confidence(confidence)
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(np.mean(x))
+    if x.size < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * np.std(x, ddof=1)
+    half /= np.sqrt(x.size)
+    return mean, float(mean - half), float(mean + half)
+
+
+#: Held-out summary columns and the names of their mean and interval columns.
+HELDOUT_NAMES = {"best_eval_loss": "val_loss", "test_loss_at_best": "test_loss"}
+
+
+def heldout_names(summary: pd.DataFrame) -> dict[str, str]:
+    """:data:`HELDOUT_NAMES` plus ``test_<m>_at_best -> test_<m>`` for every other
+    test measure in ``summary`` (bits per character, accuracy), error rates left
+    out."""
+    names = {c: n for c, n in HELDOUT_NAMES.items() if c in summary.columns}
+    for column in summary.columns:
+        if (
+            column.startswith("test_")
+            and column.endswith("_at_best")
+            and column not in names
+            and column != "test_error_at_best"
+        ):
+            names[column] = column[: -len("_at_best")]
+    return names
+
+
+def heldout_columns(
+    summary: pd.DataFrame, keys: Sequence[str], confidence: float = 0.95
+) -> pd.DataFrame:
+    """Per group of ``keys``: the mean over seeds of the best validation loss and the
+    test measures at that evaluation, each with its Student-t interval
+    (:func:`mean_interval`): ``val_loss``, ``val_loss_lo``, ``val_loss_hi``,
+    ``test_loss``, ... (:func:`heldout_names`). Seeds without a finite best (a run
+    diverged from its first evaluation) are left out of the means. Empty
+    (no columns but ``keys``) when ``summary`` has no held-out measures."""
+    keys = list(keys)
+    names = heldout_names(summary)
+    rows = []
+    whole = [((), summary)]
+    groups = summary.groupby(keys, sort=True, dropna=False) if keys else whole
+    for values, group in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        row = dict(zip(keys, values, strict=True))
+        for column, name in names.items():
+            numbers = pd.to_numeric(group[column], errors="coerce")
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval(
+                numbers, confidence
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def run_statistics(summary: pd.DataFrame, target_loss: float | None = None) -> dict:
     """The statistics a run file stores next to its per-seed summary.
 
@@ -426,6 +496,9 @@ def run_statistics(summary: pd.DataFrame, target_loss: float | None = None) -> d
     stats = {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
     stats["seeds"], stats["solved"] = int(row["seeds"]), int(row["solved"])
     stats["confidence"] = 0.95
+    if heldout_names(summary):
+        (held,) = heldout_columns(summary, []).to_dict(orient="records")
+        stats.update({k: None if pd.isna(v) else float(v) for k, v in held.items()})
     if target_loss is not None:
         stats["target_loss"] = float(target_loss)
         for column in ("updates_to_target", "grad_equivalents_to_target"):

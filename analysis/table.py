@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import Results
-from analysis.stats import interval_columns, time_to_target
+from analysis.stats import (
+    heldout_columns,
+    heldout_names,
+    interval_columns,
+    time_to_target,
+)
 
 #: Configuration columns that never define a group on their own.
 _NOT_KEYS = {
@@ -29,7 +34,7 @@ def group_columns(summary: pd.DataFrame) -> list[str]:
     share a row (the same label at two budgets of steps, or with two settings), the
     run options and optimizer settings that tell them apart become columns too.
     """
-    config = [c for c in summary.columns if c not in _SUMMARY_FIELDS]
+    config = [c for c in summary.columns if not _is_summary_field(c)]
     varying = [
         c
         for c in config
@@ -80,7 +85,17 @@ _SUMMARY_FIELDS = {
     "grad_equivalents_to_target",
     "seconds_to_target",
     "target_loss",
+    "best_eval_loss",
+    "best_updates",
+    "best_step",
 }
+
+
+def _is_summary_field(column: str) -> bool:
+    """A per-seed outcome column (not configuration)."""
+    return column in _SUMMARY_FIELDS or (
+        column.startswith("test_") and column.endswith("_at_best")
+    )
 
 
 def comparison_table(
@@ -101,6 +116,10 @@ def comparison_table(
     updates and gradient-equivalents until ``column`` first fell to ``value`` at an
     evaluation (``updates_to_target``, ``grad_equiv_to_target``, over all seeds,
     a seed that never reached it counting as infinite) and how many seeds reached it.
+    For tasks with held-out data (no success test): the mean over seeds of the best
+    validation loss (``val_loss``) and of the test measures at that evaluation
+    (``test_loss``, ``test_bits_per_char``, ...), each with a Student-t interval
+    (``*_lo``, ``*_hi``; :func:`analysis.stats.heldout_columns`).
     """
     if summary.empty:
         return pd.DataFrame()
@@ -130,6 +149,10 @@ def comparison_table(
         order += [f"median_{name}", f"{name}_lo", f"{name}_hi"]
     order += ["median_seq_grads", "median_seconds", "seconds_lo", "seconds_hi"]
     table = table[[*order, "diverged", "run_seconds"]]
+    if heldout_names(summary):
+        held = heldout_columns(summary, keys, confidence)
+        for column in held.columns[len(keys) :]:
+            table[column] = held[column].to_numpy()
     if target is not None and records is not None and not records.empty:
         table = _with_target(table, records, keys, target)
     elif "updates_to_target" in summary.columns:  # the runs' own target_loss
@@ -219,6 +242,7 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
     hidden = [f"{n}_{e}" for n in ("success", "steps", "grad_equiv", "seconds")
               for e in ("lo", "hi")]  # fmt: skip
     shown = shown.drop(columns=hidden)
+    shown = _heldout_display(table, shown)
     for col, fmt in (
         ("median_steps", "{:.0f}"),
         ("median_grad_equiv", "{:.0f}"),
@@ -233,6 +257,35 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
                 lambda x, f=fmt: "-" if pd.isna(x) or np.isinf(x) else f.format(x)
             )
     return markdown_table(shown) if markdown else shown.to_string(index=False)
+
+
+#: Columns about solving, left out of a table whose rows all have held-out data.
+_SOLVING = [
+    "solved", "success_rate", "success_95", "median_steps", "steps_95",
+    "median_grad_equiv", "grad_equiv_95", "median_seq_grads", "median_seconds",
+]  # fmt: skip
+
+
+def _heldout_display(table: pd.DataFrame, shown: pd.DataFrame) -> pd.DataFrame:
+    """Held-out means as text with their intervals (``val_loss``, ``val_loss_95``,
+    ...); the solving columns go when every row is a task without a success test."""
+    means = [c for c in table.columns if f"{c}_lo" in table.columns]
+    means = [c for c in means if c.startswith(("val_", "test_"))]
+    if not means:
+        return shown
+    for name in means:
+        shown[name] = table[name].map(lambda x: "-" if pd.isna(x) else f"{x:.4g}")
+        shown[f"{name}_95"] = [
+            "-" if pd.isna(lo) else f"[{lo:.4g}, {hi:.4g}]"
+            for lo, hi in zip(table[f"{name}_lo"], table[f"{name}_hi"], strict=True)
+        ]
+        shown = shown.drop(columns=[f"{name}_lo", f"{name}_hi"])
+    if table[means[0]].notna().all():
+        shown = shown.drop(columns=[c for c in _SOLVING if c in shown.columns])
+    pairs = [c for name in means for c in (name, f"{name}_95")]
+    rest = [c for c in shown.columns if c not in pairs]
+    at = rest.index("seeds") + 1
+    return shown[rest[:at] + pairs + rest[at:]]
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

@@ -292,7 +292,8 @@ def trial_score(
     ``solved_fraction``; ``median_cost``: median of the criterion's cost to solve
     over the solved seeds (inf when none solved; NaN for ``eval_loss``);
     ``final_loss``: median over seeds of the last evaluation loss, a diverged or
-    non-finite one counting as inf.
+    non-finite one counting as inf (on a task with held-out data: of the best
+    validation loss, which early stopping would keep).
     """
     inf = math.inf
     if summary is None or summary.empty:
@@ -311,6 +312,9 @@ def trial_score(
 
 
 def _final_loss(summary: pd.DataFrame, records: pd.DataFrame | None) -> float:
+    if "best_eval_loss" in summary:  # held-out data: the best validation loss
+        best = pd.to_numeric(summary["best_eval_loss"], errors="coerce")
+        return float(np.median(best.fillna(math.inf).to_numpy(dtype=float)))
     losses = []
     last = {}
     if records is not None and not records.empty and "eval_loss" in records:
