@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from tasks.datacache import atomic_write
+from tasks.files import atomic_write
 from tasks.hparams import ConfigError
 
 #: Version of the run-file layout written by :func:`write_run`.

@@ -302,13 +302,60 @@ def _bracket(lo: float, hi: float) -> str:
     return f"[{lo:.0f}, {hi_text}]"
 
 
+def explosion_table(records: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """Gradient explosions per configuration (the rows of :func:`comparison_table`).
+
+    A step explodes when its gradient norm exceeds ``explosion_factor`` times the
+    running mean of the earlier norms (the runner's records, ``explosion_rate`` per
+    chunk). Columns: ``seeds``; ``exploding_seeds`` (seeds with at least one
+    explosion); ``explosions_per_1k`` (explosions per 1,000 training steps, mean
+    over seeds); ``first_explosion`` (median over the exploding seeds of the step
+    count at the end of the chunk of their first explosion); ``grad_norm_max``
+    (largest gradient norm of any step) and, when the optimizer clips,
+    ``clip_rate`` (fraction of clipped steps over all seeds and chunks).
+    """
+    if records.empty or "explosion_rate" not in records.columns:
+        return pd.DataFrame()
+    keys = [k for k in group_columns(summary) if k in records.columns]
+    if "config_digest" in records.columns:
+        keys = [*keys, "config_digest"]
+    rows = []
+    for values, group in records.groupby(keys, sort=True, dropna=False):
+        row = dict(zip(keys, values if isinstance(values, tuple) else (values,),
+                       strict=True))  # fmt: skip
+        per_seed = []
+        for _, seed in group.sort_values("step").groupby(_seed_keys(group)):
+            steps = np.diff(seed["step"].to_numpy(dtype=float), prepend=0.0)
+            counts = seed["explosion_rate"].to_numpy(dtype=float) * steps
+            first = seed["step"].to_numpy()[np.flatnonzero(counts > 0)[:1]]
+            per_seed.append((counts.sum(), steps.sum(), first))
+        firsts = [float(f[0]) for _, _, f in per_seed if f.size]
+        row["seeds"] = len(per_seed)
+        row["exploding_seeds"] = sum(1 for c, _, _ in per_seed if c > 0)
+        row["explosions_per_1k"] = float(
+            np.mean([1000.0 * c / max(n, 1.0) for c, n, _ in per_seed])
+        )
+        row["first_explosion"] = float(np.median(firsts)) if firsts else np.nan
+        row["grad_norm_max"] = float(group["grad_norm_max"].max())
+        if "clip_rate" in group.columns:
+            row["clip_rate"] = float(group["clip_rate"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows).drop(columns="config_digest", errors="ignore")
+
+
+def _seed_keys(records: pd.DataFrame) -> list[str]:
+    return [k for k in ("run_id", "seed") if k in records.columns]
+
+
 def show(
     results: Results | str | Path,
     markdown: bool = False,
     target: tuple[str, float] | None = None,
+    explosions: bool = False,
 ) -> str:
     """The formatted comparison table of a results directory (or loaded results),
-    followed by what tuning chose when the comparison was tuned."""
+    followed by what tuning chose when the comparison was tuned, and with
+    ``explosions`` by the :func:`explosion_table`."""
     if not isinstance(results, Results):
         results = Results.load(results)
     records = results.records if target is not None else None
@@ -316,4 +363,11 @@ def show(
     from analysis.sensitivity import format_tuning  # it formats with this module
 
     tuning = format_tuning(results.tuning, markdown)
-    return text + ("\n\n" + tuning if tuning else "")
+    text += "\n\n" + tuning if tuning else ""
+    if explosions:
+        table = explosion_table(results.records, results.summary)
+        if not table.empty:
+            shown = table.round(3).astype(str).replace("nan", "-")
+            body = markdown_table(shown) if markdown else shown.to_string(index=False)
+            text += "\n\nGradient explosions:\n" + body
+    return text

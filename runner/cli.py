@@ -128,7 +128,11 @@ def _cmd_show(args) -> int:
                 f"--target {args.target!r} must look like COLUMN=VALUE with COLUMN "
                 "one of eval_loss, eval_error, loss"
             )
-    print(show(args.dir, markdown=args.markdown, target=target))
+    print(
+        show(
+            args.dir, markdown=args.markdown, target=target, explosions=args.explosions
+        )
+    )
     return 0
 
 
@@ -320,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", metavar="COLUMN=VALUE",
         help="also give the median work until COLUMN (eval_loss, eval_error or loss) "
         "first fell to VALUE at an evaluation, e.g. eval_loss=0.1",
+    )  # fmt: skip
+    show.add_argument(
+        "--explosions", action="store_true",
+        help="also print gradient-explosion statistics per configuration",
     )  # fmt: skip
 
     growth = sub.add_parser("growth", help="curvature vs gradient growth experiment")

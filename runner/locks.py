@@ -12,14 +12,10 @@ the process that died (and continues it).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None
+from tasks import files
 
 
 def lock_path(run_file: Path) -> Path:
@@ -30,27 +26,10 @@ def lock_path(run_file: Path) -> Path:
 @contextlib.contextmanager
 def run_lock(run_file: Path) -> Iterator[None]:
     """Hold the run's lock for the ``with`` block (waiting while another holds it)."""
-    path = lock_path(run_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with files.file_lock(lock_path(run_file)):
         yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def is_locked(run_file: Path) -> bool:
     """True while another process holds the run's lock (it is training the run)."""
-    path = lock_path(run_file)
-    if fcntl is None or not path.exists():
-        return False
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return files.is_locked(lock_path(run_file))

@@ -8,7 +8,8 @@ holds a digest of the settings and the file itself repeats them, so changed
 settings never read stale arrays. A file that is missing, unreadable, truncated or
 written for other settings is rebuilt; files are written to a temporary name and
 renamed, so a killed build leaves no half-written cache (stale temporary files are
-removed on the next build).
+removed on the next build), and concurrent processes wait for one build (a lock
+file next to the cache file) instead of repeating it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from tasks.files import atomic_write, file_lock
 
 #: Bump when the layout of the cached arrays changes: old files are then rebuilt.
 FORMAT_VERSION = 1
@@ -51,6 +53,7 @@ def cached(
     settings: dict,
     build: Callable[[], dict[str, np.ndarray]],
     message: str | None = None,
+    keys: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """The arrays of ``kind`` for ``settings``: from the cache, or built and cached.
 
@@ -59,15 +62,23 @@ def cached(
       settings: JSON values that determine the arrays (the cache key).
       build: makes the arrays (a dict of numpy arrays) when the cache cannot serve.
       message: printed to stderr before a build (what is built and how long).
+      keys: arrays a usable file must hold (a file without one is rebuilt).
     """
     path = cache_path(kind, settings)
-    arrays = _load(path, _settings_text(kind, settings))
+    text = _settings_text(kind, settings)
+    arrays = _load(path, text, keys)
     if arrays is not None:
         return arrays
-    if message:
-        print(f"{message}; caching it in {path}", file=sys.stderr, flush=True)
-    arrays = build()
-    _write(path, arrays, _settings_text(kind, settings))
+    # One builder at a time (the workers of an executor start together): the others
+    # wait, then read what it wrote.
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        arrays = _load(path, text, keys)
+        if arrays is not None:
+            return arrays
+        if message:
+            print(f"{message}; caching it in {path}", file=sys.stderr, flush=True)
+        arrays = build()
+        _write(path, arrays, text)
     return arrays
 
 
@@ -76,39 +87,21 @@ def _settings_text(kind: str, settings: dict) -> str:
     return json.dumps(payload, sort_keys=True)
 
 
-def _load(path: Path, settings_text: str) -> dict[str, np.ndarray] | None:
+def _load(
+    path: Path, settings_text: str, keys: tuple[str, ...] = ()
+) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None when the file is missing, damaged or stale."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
         return None
     stored = arrays.pop(_SETTINGS_KEY, None)
     if stored is None or str(stored) != settings_text:
         return None
-    return arrays
-
-
-def atomic_write(path: Path, write: Callable) -> None:
-    """Write ``path`` through ``write(handle)`` to a temporary file, then rename it.
-
-    A reader never sees a half-written file; an interrupted write leaves a
-    ``.<name>.*.tmp`` file that :func:`analysis.results.remove_stale_temporaries` (or
-    the next cache build) deletes. The file gets the permissions of any new file
-    (the user's umask), not ``mkstemp``'s 0600.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return arrays if all(k in arrays for k in keys) else None
 
 
 def _write(path: Path, arrays: dict[str, np.ndarray], settings_text: str) -> None:
@@ -117,9 +110,3 @@ def _write(path: Path, arrays: dict[str, np.ndarray], settings_text: str) -> Non
             stale.unlink()
     extra = {_SETTINGS_KEY: np.array(settings_text)}
     atomic_write(path, lambda handle: np.savez(handle, **arrays, **extra))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

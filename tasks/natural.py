@@ -89,6 +89,7 @@ def chorale_splits(resolution: str) -> tuple[dict[str, Split], int, list[list[st
         settings,
         lambda: music.build_rolls(files, music.RESOLUTIONS[resolution]),
         message=f"Parsing {len(files)} Bach chorales once (about two minutes)",
+        keys=("rolls", "lengths", "names"),
     )
     return rolls_to_splits(arrays)
 
