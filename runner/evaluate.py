@@ -152,14 +152,22 @@ def task_at_length(name: str, hparams: dict, length: int) -> Task:
     """The task ``name`` with ``hparams`` but ``length = min_length = length``.
 
     Raises:
-      ConfigError: the task has no ``length`` hyperparameter, or rejects this
-        length (the message names the field and the valid range).
+      ConfigError: the task has no ``length`` hyperparameter, rejects this
+        length (the message names the field and the valid range), or has fixed
+        held-out data instead of a sampler of fresh sequences.
     """
     declared = _declared_with_length(name)
     hparams = {**hparams, "length": length}
     if "min_length" in declared:
         hparams["min_length"] = length
-    return make_task(name, **hparams)
+    task = make_task(name, **hparams)
+    if task.evaluation_batch("test") is not None:
+        raise ConfigError(
+            f"task {name!r} has fixed held-out data: its run files already hold the "
+            "validation and test measures of every evaluation (eval_*, test_*); "
+            "evaluate samples fresh sequences of synthetic tasks"
+        )
+    return task
 
 
 def _seeds(config: dict, path: Path) -> list[int]:

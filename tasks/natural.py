@@ -232,8 +232,9 @@ def text(
     init: Init = "smart_tanh",
     leak: Leak = 0.0,
 ) -> TextTask:
-    """Character-level language modelling on a UTF-8 file (default: the standard
-    library's ``pydoc_data`` topics), in bits per character.
+    """Character-level language modelling on a UTF-8 file, in bits per character.
+
+    The default file is the standard library's ``pydoc_data`` documentation topics.
 
     ``length`` is the training window and the length of the evaluation rows.
     """

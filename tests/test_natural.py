@@ -441,3 +441,10 @@ def test_every_optimizer_family_trains_on_natural_data(
 def test_read_text_rejects_a_folder(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         read_text(str(tmp_path))
+
+
+def test_evaluate_at_other_lengths_refuses_held_out_data():
+    from runner.evaluate import task_at_length
+
+    with pytest.raises(ConfigError, match="held-out data"):
+        task_at_length("text", {"hidden": 4}, 50)
