@@ -24,7 +24,7 @@ from analysis import plots
 from analysis.profiles import problem_costs, profile_figure, score_table
 from analysis.results import Results
 from analysis.sensitivity import sensitivity_figure, tuning_table
-from analysis.table import comparison_table, group_columns
+from analysis.table import comparison_table, explosion_table, group_columns
 
 
 def palette(results: Results) -> plots.Palette:
@@ -104,9 +104,22 @@ def _spectrum(results: Results, x: str = "step") -> Figure | None:
     return cp.spectrum_plot(probes, palette(results), records=records, x=x)
 
 
+def _solvable(summary: pd.DataFrame) -> pd.DataFrame:
+    """The seeds of tasks with a success test (natural-data tasks have a
+    ``best_eval_loss`` instead): the only ones a cost to solve applies to."""
+    if "best_eval_loss" not in summary.columns:
+        return summary
+    held_out = (
+        summary["status"].isin(["finished", "stopped"])
+        | summary["best_eval_loss"].notna()
+    )
+    return summary[~held_out]
+
+
 def _profiles_apply(results: Results) -> bool:
-    """Profiles need two optimizers and two problems (task configurations)."""
-    summary = results.summary
+    """Profiles need two optimizers and two problems (task configurations) with a
+    success test."""
+    summary = _solvable(results.summary)
     if not _has(summary, "status", "optimizer", "steps_to_solve"):
         return False
     if summary["optimizer"].nunique() < 2:
@@ -117,7 +130,7 @@ def _profiles_apply(results: Results) -> bool:
 def _profiles(results: Results) -> Figure | None:
     if not _profiles_apply(results):
         return None
-    return profile_figure(results.summary, palette=palette(results))
+    return profile_figure(_solvable(results.summary), palette=palette(results))
 
 
 def _sensitivity(results: Results) -> Figure | None:
@@ -326,11 +339,30 @@ def comparison_html(summary: pd.DataFrame) -> str:
         first = summary.groupby(keys, sort=True, dropna=False)[fixed].first()
         table = table.merge(first.reset_index(), on=keys, how="left")
     metrics = [m for m, _, _ in _METRICS if m in table.columns]
+    # Tasks without a success test: held-out means and their intervals.
+    held_out = [c for c in table.columns if c.startswith(("val_", "test_"))]
     front = [c for c in ("task", "length", "init") if c in table.columns]
-    shown = table[front + [c for c in keys if c not in front] + metrics]
+    shown = table[front + [c for c in keys if c not in front] + metrics + held_out]
     headers = {m: h for m, h, _ in _METRICS}
     formats = {headers[m]: f for m, _, f in _METRICS}
+    formats.update({c: "{:.4g}" for c in held_out})
     return html_table(shown.rename(columns=headers), formats, "comparison")
+
+
+def explosions_html(results: Results) -> str:
+    """The gradient-explosion table (:func:`analysis.table.explosion_table`)."""
+    table = explosion_table(results.records, results.summary)
+    if table.empty:
+        return ""
+    numbers = table.select_dtypes("number").columns
+    formats = {c: "{:.4g}" for c in numbers}
+    return (
+        "<h2>Gradient explosions</h2><p>A step explodes when its gradient norm "
+        "exceeds the run's explosion_factor times the running mean of the earlier "
+        "norms. Explosions per 1,000 training steps are means over seeds; the first "
+        "explosion is the median over the exploding seeds of the evaluation step "
+        "that closed its chunk.</p>" + html_table(table, formats, "explosions")
+    )
 
 
 def tuning_html(trials: pd.DataFrame) -> str:
@@ -420,16 +452,19 @@ def write_report(
         parts += [
             "<h2>Comparison</h2><p>One row per configuration. Medians are over solved "
             "seeds ('-' when none solved), with 95% intervals: Wilson for the "
-            "success rate, percentile bootstrap over seeds for the medians. "
+            "success rate, percentile bootstrap over seeds for the medians; for "
+            "tasks without a success test, means over seeds of the best validation "
+            "loss and the test measures there, with Student-t intervals. "
             "Gradient-equivalents add function evaluations and curvature-vector "
             "products at their nominal cost in gradients; sequence gradients "
             "multiply them by the batch size.</p>",
             comparison_html(summary),
+            explosions_html(results),
         ]
     else:
         parts.append(f"<p>{html.escape(info)}; growth experiments only.</p>")
     if results.runs and _profiles_apply(results):
-        scores = score_table(results.summary).reset_index()
+        scores = score_table(_solvable(results.summary)).reset_index()
         parts += [
             "<h2>Performance-profile scores</h2><p>AlgoPerf's score: the mean "
             "height of each optimizer's performance profile for 1 &le; tau &le; 4 "

@@ -161,3 +161,28 @@ def test_a_setting_missing_in_some_runs_still_tells_rows_apart():
     table = comparison_table(_summary(fixed, ranged))
     assert len(table) == 2 and "min_length" in table.columns
     assert table["min_length"].isna().sum() == 1
+
+
+def test_explosion_table_counts_explosions_per_thousand_steps():
+    from analysis.table import explosion_table
+
+    summary = pd.DataFrame(
+        {"task": "t", "optimizer": "A", "seed": [0, 1], "status": "finished"}
+    )
+    records = pd.DataFrame(
+        {
+            "task": "t", "optimizer": "A",
+            "seed": [0, 0, 0, 1, 1, 1],
+            "step": [100, 200, 300] * 2,
+            "explosion_rate": [0.0, 0.02, 0.01, 0.0, 0.0, 0.0],
+            "grad_norm_max": [1.0, 50.0, 3.0, 2.0, 2.5, 2.0],
+            "clip_rate": [0.5, 0.5, 0.5, 0.1, 0.1, 0.1],
+        }
+    )  # fmt: skip
+    (row,) = explosion_table(records, summary).to_dict(orient="records")
+    assert row["seeds"] == 2 and row["exploding_seeds"] == 1
+    # seed 0: 2 + 1 explosions in 300 steps; seed 1: none.
+    assert row["explosions_per_1k"] == pytest.approx((1000 * 3 / 300 + 0) / 2)
+    assert row["first_explosion"] == 200
+    assert row["grad_norm_max"] == 50.0
+    assert row["clip_rate"] == pytest.approx(0.3)
