@@ -36,13 +36,17 @@ def test_only_runs_differing_in_traced_values_batch():
 
 @pytest.mark.slow
 def test_batched_grid_writes_the_runs_it_would_write_alone(tmp_path):
-    comparison = _comparison(checkpoint_every=20, probe_every=40, lanczos_iters=3)
+    sgd_grid = {"name": "sgd", "label": "SGD",
+                "grid": {"learning_rate": [0.05, 0.2, 1e4]}}  # fmt: skip
+    comparison = _comparison(
+        checkpoint_every=20, probe_every=40, lanczos_iters=3, optimizer=[sgd_grid]
+    )
     alone = compare(comparison, tmp_path / "alone", False, "serial", batch_grid=False)
     programs = set(run_module._PROGRAMS)
     batched = compare(
         comparison, tmp_path / "batched", False, "serial", batch_grid=True
     )
-    # The three grid points share one new program (adahessian's exists already).
+    # The three grid points share one new program.
     new = [key for key in run_module._PROGRAMS if key not in programs]
     assert len(new) == 1 and new[0][-1] is True  # per-seed hyperparameters
     assert not alone.failures and not batched.failures
