@@ -373,9 +373,11 @@ def test_early_stopping_retires_after_patience_evaluations():
 @pytest.mark.slow
 def test_a_text_run_reports_its_best_validation_and_test_losses(small_text):
     task = small_text
-    result = run(task, "sgd_clip", seeds=3, steps=40, eval_every=10,
-                 opt_hparams={"learning_rate": 1.0})  # fmt: skip
+    result = run(task, "sgd_cr", seeds=3, steps=40, eval_every=10, probe_every=20,
+                 eval_size=32, opt_hparams={"learning_rate": 1.0})  # fmt: skip
     records, summary = result.records, result.summary
+    periodic = result.probes[result.probes["kind"] == "periodic"]
+    assert set(periodic["step"]) == {0, 20, 40}  # probes run on text too
     assert {
         "eval_loss",
         "eval_bits_per_char",
@@ -422,10 +424,11 @@ def test_tuning_ranks_held_out_trials_by_their_best_validation_loss():
 
 #: One optimizer per family on each task. The chorales (a sigmoid output per pitch)
 #: get every family; text shares the data path and its softmax output is covered by
-#: the synthetic softmax tasks' tests, so it gets first-order and HF only.
+#: the synthetic softmax tasks' tests, so it gets HF here and first-order with probes
+#: in test_a_text_run_reports_its_best_validation_and_test_losses.
 FAMILY_RUNS = [
     *[("chorales", o) for o in ("sgd_cr", "hf", "sophia_g", "lbfgs")],
-    ("text", "sgd_cr"), ("text", "hf"),
+    ("text", "hf"),
 ]  # fmt: skip
 
 
@@ -438,7 +441,7 @@ def test_every_optimizer_family_trains_on_natural_data(
     hparams = {"max_cg_iters": 5} if optimizer == "hf" else {}
     probes = optimizer == "sgd_cr"  # curvature probes run on the data too
     result = run(task, optimizer, seeds=2, steps=4, eval_every=2, opt_hparams=hparams,
-                 probe_every=2 if probes else None)  # fmt: skip
+                 eval_size=32, probe_every=2 if probes else None)  # fmt: skip
     records = result.records
     assert len(records) == 4 and np.isfinite(records["test_loss"]).all()
     assert np.isfinite(result.summary["best_eval_loss"]).all()
