@@ -262,12 +262,17 @@ def small_chorale_files():
     return [p for p in chorales.chorale_files() if chorales.piece_name(p) in wanted]
 
 
-def make_small_chorales(monkeypatch, **hparams) -> Task:
-    """``make_task("chorales", **hparams)`` through the real factory and dataset
-    cache, on :data:`SMALL_CHORALES` instead of the whole corpus (which takes one
-    to two minutes to parse on a fresh machine)."""
+def use_small_chorales(monkeypatch) -> None:
+    """Make the ``chorales`` task read :data:`SMALL_CHORALES` instead of the whole
+    corpus (which takes one to two minutes to parse on a fresh machine)."""
     from tasks import chorales
 
     files = small_chorale_files()
     monkeypatch.setattr(chorales, "chorale_files", lambda: files)
+
+
+def make_small_chorales(monkeypatch, **hparams) -> Task:
+    """``make_task("chorales", **hparams)`` through the real factory and dataset
+    cache, on :data:`SMALL_CHORALES` (:func:`use_small_chorales`)."""
+    use_small_chorales(monkeypatch)
     return make_task("chorales", **hparams)
