@@ -29,7 +29,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -402,15 +402,26 @@ def interval_columns(
     for column in costs:
         name = INTERVAL_NAMES[column]
         columns += [f"median_{name}", f"{name}_lo", f"{name}_hi"]
-    rows = []
+    rows = _per_group(
+        summary,
+        keys,
+        lambda group: _group_intervals(group, costs, confidence, resamples, seed),
+    )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _per_group(
+    summary: pd.DataFrame, keys: list[str], measure: Callable[[pd.DataFrame], dict]
+) -> list[dict]:
+    """One row per group of ``keys`` (the whole frame without keys; missing values
+    form their own group): the key values, then ``measure(group)``."""
     whole = [((), summary)]
     groups = summary.groupby(keys, sort=True, dropna=False) if keys else whole
+    rows = []
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
-        row = dict(zip(keys, values, strict=True))
-        row.update(_group_intervals(group, costs, confidence, resamples, seed))
-        rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
+        rows.append({**dict(zip(keys, values, strict=True)), **measure(group)})
+    return rows
 
 
 def mean_interval(values: ArrayLike, confidence: float = 0.95) -> tuple[float, ...]:
@@ -463,21 +474,18 @@ def heldout_columns(
     ``test_loss``, ... (:func:`heldout_names`). Seeds without a finite best (a run
     diverged from its first evaluation) are left out of the means. Empty
     (no columns but ``keys``) when ``summary`` has no held-out measures."""
-    keys = list(keys)
     names = heldout_names(summary)
-    rows = []
-    whole = [((), summary)]
-    groups = summary.groupby(keys, sort=True, dropna=False) if keys else whole
-    for values, group in groups:
-        values = values if isinstance(values, tuple) else (values,)
-        row = dict(zip(keys, values, strict=True))
+
+    def means(group: pd.DataFrame) -> dict:
+        row = {}
         for column, name in names.items():
             numbers = pd.to_numeric(group[column], errors="coerce")
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval(
                 numbers, confidence
             )
-        rows.append(row)
-    return pd.DataFrame(rows)
+        return row
+
+    return pd.DataFrame(_per_group(summary, list(keys), means))
 
 
 def run_statistics(summary: pd.DataFrame, target_loss: float | None = None) -> dict:

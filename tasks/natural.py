@@ -67,8 +67,8 @@ class ChoralesTask(DataTask):
         return {"error_rate": 1.0 - accuracy, "accuracy": accuracy}
 
 
-def chorale_splits(resolution: str) -> tuple[dict[str, Split], int, list[list[str]]]:
-    """Train, validation and test piano rolls, the lowest pitch and piece names.
+def chorale_splits(resolution: str) -> tuple[dict[str, Split], int]:
+    """Train, validation and test piano rolls and the lowest pitch.
 
     Parsed once per ``resolution`` and music21 version and cached
     (:mod:`tasks.datacache`); the rolls keep the pitch range that occurs in the
@@ -94,7 +94,7 @@ def chorale_splits(resolution: str) -> tuple[dict[str, Split], int, list[list[st
     return rolls_to_splits(arrays)
 
 
-def rolls_to_splits(arrays: dict) -> tuple[dict[str, Split], int, list[list[str]]]:
+def rolls_to_splits(arrays: dict) -> tuple[dict[str, Split], int]:
     """Cached rolls (:func:`tasks.chorales.build_rolls`) cut to the pitch range that
     occurs in them and split by :func:`tasks.chorales.split_pieces`."""
     rolls, lengths = arrays["rolls"], arrays["lengths"]
@@ -103,13 +103,11 @@ def rolls_to_splits(arrays: dict) -> tuple[dict[str, Split], int, list[list[str]
     low, high = int(played.min()), int(played.max())
     whole = Split.from_lengths(rolls[:, low : high + 1], lengths)
     position = {name: i for i, name in enumerate(names)}
-    splits, split_names = {}, []
-    for split, members in music.split_pieces(names).items():
-        splits[split] = Split.from_sequences(
-            [whole.sequence(position[n]) for n in members]
-        )
-        split_names.append(members)
-    return splits, low, split_names
+    splits = {
+        split: Split.from_sequences([whole.sequence(position[n]) for n in members])
+        for split, members in music.split_pieces(names).items()
+    }
+    return splits, low
 
 
 def chorales(
@@ -126,7 +124,7 @@ def chorales(
     longest); evaluation always scores whole pieces.
     """
     hp = dict(locals())
-    splits, low, _ = chorale_splits(resolution)
+    splits, low = chorale_splits(resolution)
     return _chorales_task(splits, low, hp)
 
 
