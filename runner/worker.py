@@ -15,8 +15,10 @@ import pickle
 import sys
 from typing import Any, NamedTuple
 
-#: XLA flags that keep a worker on one thread (one worker per core).
-ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+#: XLA flags that keep a worker on one thread (one worker per core). Only ``--``
+#: flags belong here: XLA stops reading ``XLA_FLAGS`` at the first token that is not
+#: one, silently dropping every flag after it.
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
 
 
 class WorkerSetup(NamedTuple):
