@@ -30,7 +30,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from runner.worker import ONE_THREAD, Outcome, SlurmRun, WorkerSetup, train_run
+from runner.worker import (
+    Outcome,
+    SlurmRun,
+    WorkerSetup,
+    one_thread_flags,
+    train_run,
+)
 from tasks.datacache import cache_root
 from tasks.hparams import ConfigError
 
@@ -289,7 +295,7 @@ def _dask(executor, setup, jobs, out, on_start, on_done) -> None:
         ) from None
     cluster = None
     if executor.address is None:
-        env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}"}
+        env = {"XLA_FLAGS": one_thread_flags(os.environ.get("XLA_FLAGS", ""))}
         if os.environ.get("CURVBENCH_XLA_THREADS") == "all":
             env = {}
         cluster = LocalCluster(

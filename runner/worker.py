@@ -44,8 +44,16 @@ def use_one_thread() -> None:
     """
     if os.environ.get("CURVBENCH_XLA_THREADS") == "all":
         return
-    if ONE_THREAD not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}"
+    os.environ["XLA_FLAGS"] = one_thread_flags(os.environ.get("XLA_FLAGS", ""))
+
+
+def one_thread_flags(flags: str) -> str:
+    """``flags`` with :data:`ONE_THREAD` added once.
+
+    Never twice: JAX's persistent compilation cache keys programs by the XLA flags, so
+    a worker whose flags repeat one would miss every program its parent compiled.
+    """
+    return flags if ONE_THREAD in flags else f"{flags} {ONE_THREAD}".strip()
 
 
 def setup(config: WorkerSetup) -> None:

@@ -9,6 +9,7 @@ from runs import assert_same_run
 from runner.compare import compare
 from runner.config import parse_comparison
 from runner.executors import ExecutorConfig, default_cache_dir, slurm_executor
+from runner.worker import ONE_THREAD, one_thread_flags
 from tasks import ConfigError
 
 CACHE = default_cache_dir()  # the suite's cache (conftest sets CURVBENCH_CACHE)
@@ -156,3 +157,12 @@ def test_slurm_path_trains_with_submitits_local_executor(tmp_path):
     reference = compare(comparison, tmp_path / "serial", False, "serial")
     for result in reference.results:
         assert_same_run(result.path, tmp_path / "slurm" / result.path.name)
+
+
+def test_worker_flags_add_one_thread_once():
+    # JAX keys its persistent compilation cache by the XLA flags: a worker whose
+    # flags repeat ONE_THREAD would compile every program its parent compiled.
+    flags = one_thread_flags("--xla_backend_optimization_level=0")
+    assert flags.split().count(ONE_THREAD) == 1
+    assert one_thread_flags(flags) == flags
+    assert one_thread_flags("") == ONE_THREAD
