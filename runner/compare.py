@@ -117,13 +117,39 @@ def _execute(
     if spec.kind == "serial":
         setup(spec.worker_setup())  # this process is the worker: same cache
         return _serial(name, runs, groups, out, disable)
-    jobs = pickled(runs, groups)  # refuses unpicklable runs up front
+    jobs = pickled(runs, largest_first(runs, groups))  # refuses unpicklable runs
     tracker = _Tracker(name, runs, out, disable)
     try:
         execute_all(spec, jobs, out, tracker.started, tracker.finished)
     finally:
         tracker.bar.close()
     return CompareOutcome(out, tracker.results(), tracker.failures)
+
+
+def largest_first(
+    runs: tuple[RunConfig, ...], groups: list[tuple[int, ...]]
+) -> list[tuple[int, ...]]:
+    """``groups`` with the largest estimated work first (ties keep their order).
+
+    A pool that starts its longest jobs first leaves the short ones to fill the gaps
+    at the end, instead of one worker finishing a long run while the others idle
+    (longest-processing-time-first scheduling, Graham 1969). The estimate is only an
+    order: seeds x steps x the task's ``length``, ``hidden`` squared and
+    ``batch_size`` where it has them (a recurrent step costs about
+    ``batch_size * hidden**2``). It never changes what a run computes.
+    """
+
+    def size(i: int) -> float:
+        config = runs[i]
+        hp = config.task_hparams
+        work = float(len(config.options.seeds) * config.options.steps)
+        for name, power in (("length", 1), ("hidden", 2), ("batch_size", 1)):
+            value = hp.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                work *= value**power
+        return work
+
+    return sorted(groups, key=lambda group: -sum(size(i) for i in group))
 
 
 def _tuned(comparison: Comparison, out: Path, execute: Callable) -> CompareOutcome:

@@ -233,7 +233,8 @@ def _local(executor, setup, jobs, out, on_start, on_done) -> None:
         if isolate:  # suspects first, one at a time
             queue.sort(key=lambda job: job not in suspects)
         workers = 1 if isolate else min(executor.n_workers, len(queue))
-        with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pool = cf.ProcessPoolExecutor(workers, mp_context=context)
+        try:
             in_flight: dict[cf.Future, tuple[int, ...]] = {}
             crashed: list[tuple[int, ...]] = []
             while queue or in_flight:
@@ -264,6 +265,10 @@ def _local(executor, setup, jobs, out, on_start, on_done) -> None:
                     suspects.discard(job)
                 else:
                     crashed.append((job, err))
+        finally:
+            # Idle workers exit on their own; waiting while each interpreter tears
+            # JAX down (about a second) would only delay the results.
+            pool.shutdown(wait=False, cancel_futures=True)
         if len(crashed) == 1:
             job, err = crashed[0]
             _charge(executor, job, attempts, queue, on_done, err)

@@ -53,7 +53,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import qmc
 
 from analysis.stats import COST_COLUMNS
 from tasks.hparams import ConfigError
@@ -177,6 +176,10 @@ def unit_points(n: int, d: int, sampler: str, seed: int) -> np.ndarray:
         # n points from low to high inclusive; the top is nudged below 1 so a
         # choice dimension's last option stays reachable.
         return (np.linspace(0.0, 1.0, n) * (1 - 1e-12))[:, None]
+    # Imported here: scipy.stats takes about a second to import, and every executor
+    # worker reads this module without drawing tuning points.
+    from scipy.stats import qmc
+
     rng = np.random.default_rng(seed)
     if sampler == "sobol":
         draws = qmc.Sobol(d, scramble=True, seed=rng).random_base2(

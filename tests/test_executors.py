@@ -6,7 +6,7 @@ import pickle
 import pytest
 from runs import assert_same_run
 
-from runner.compare import compare
+from runner.compare import compare, largest_first
 from runner.config import parse_comparison
 from runner.executors import ExecutorConfig, default_cache_dir, slurm_executor
 from runner.worker import ONE_THREAD, one_thread_flags
@@ -166,3 +166,19 @@ def test_worker_flags_add_one_thread_once():
     assert flags.split().count(ONE_THREAD) == 1
     assert one_thread_flags(flags) == flags
     assert one_thread_flags("") == ONE_THREAD
+
+
+def test_pools_start_the_largest_runs_first():
+    comparison = _comparison(
+        task=[{"name": "addition", "hidden": 6, "batch_size": 8,
+               "grid": {"length": [10, 30, 20]}}],
+    )  # fmt: skip
+    runs = comparison.runs
+    lengths = [r.task_hparams["length"] for r in runs]
+    order = largest_first(runs, [(i,) for i in range(len(runs))])
+    assert [lengths[i] for (i,) in order] == sorted(lengths, reverse=True)
+    # Equal sizes keep the comparison's order (sgd_clip before adahessian).
+    labels = [runs[i].label for (i,) in order]
+    assert labels[:2] == ["sgd_clip", "adahessian"]
+    # A batch weighs as much as its members together.
+    assert largest_first(runs, [(0,), (2, 4)])[0] == (2, 4)
