@@ -6,22 +6,29 @@
    of the whole comparison, compilation included, as the ratio serial / executor:
    first with a cold compilation cache of its own, then again (new results
    directory) with that cache warm. Target: >= 1.8x with two workers on two cores.
-2. A batched 4-point learning-rate grid x 5 seeds against the same 4 runs trained
+   With ``--warm-only`` the cold pass is skipped: every executor shares one cache
+   that a first, unreported pass fills.
+2. Parallel efficiency of this machine: one ``curvbench run`` alone against the same
+   run twice at once (two processes, one thread each), for a first-order method
+   (SGD-C) and a Hessian-vector method (AdaHessian). Two workers on two cores can
+   be at most 2 x this efficiency faster than one.
+3. A batched 4-point learning-rate grid x 5 seeds against the same 4 runs trained
    one by one (both in this process, cold in-process program cache): time ratio.
-3. Resume checkpoints: a run's training time with the default interval (300 s),
+4. Resume checkpoints: a run's training time with the default interval (300 s),
    with a checkpoint after every chunk (the worst case) and with none. Target:
    <= 3% at the default.
-4. Work lost to ``kill -9`` at a random moment of a run that saves every 2 s: the
+5. Work lost to ``kill -9`` at a random moment of a run that saves every 2 s: the
    age of the last checkpoint when the process died (at most one interval plus the
    chunk in progress).
 
 Every process runs XLA on one thread, as the ``curvbench`` command does.
 
-    python benchmarks/bench_executors.py [--quick]
+    python benchmarks/bench_executors.py [--quick] [--warm-only] [--parts ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
@@ -36,7 +43,7 @@ from runner.worker import use_one_thread
 
 use_one_thread()
 
-from timing import quick_option  # noqa: E402
+import jax  # noqa: E402
 
 from analysis.results import resume_path  # noqa: E402
 from runner import run as run_module  # noqa: E402
@@ -55,7 +62,7 @@ def grid(steps: int, lengths: list[int], optimizers: list[dict], **extra) -> dic
     }  # fmt: skip
 
 
-def executors(root: Path, steps: int) -> None:
+def executors(root: Path, steps: int, warm_only: bool = False) -> None:
     data = grid(
         steps,
         [10, 20, 30, 40],
@@ -73,13 +80,16 @@ def executors(root: Path, steps: int) -> None:
     )
     print("|---|---|---|---|---|")
     base = {}
+    if warm_only:  # one shared cache, filled by a pass that is not reported
+        fill = ExecutorConfig("local", workers=2, cache_dir=str(root / "cache"))
+        assert not compare(comparison, root / "fill", False, fill).failures
     for name in ("serial", "local:1", "local:2", "dask"):
         spec = ExecutorConfig.parse(name)
         workers = 2 if name == "dask" else spec.workers
-        cache = root / f"cache-{name}"
+        cache = root / ("cache" if warm_only else f"cache-{name}")
         spec = ExecutorConfig(spec.kind, workers=workers, cache_dir=str(cache))
-        cells = []
-        for cache_state in ("cold", "warm"):  # the second pass finds it compiled
+        cells = ["-", "-"] if warm_only else []
+        for cache_state in ("warm",) if warm_only else ("cold", "warm"):
             run_module._PROGRAMS.clear()  # serial compiles like a new process
             out = root / f"{name.replace(':', '')}-{cache_state}"
             start = time.perf_counter()
@@ -89,6 +99,44 @@ def executors(root: Path, steps: int) -> None:
             base.setdefault(cache_state, seconds)
             cells += [f"{seconds:.1f}", f"{base[cache_state] / seconds:.2f}x"]
         print(f"| {name} | {' | '.join(cells)} |", flush=True)
+
+
+def pairs(root: Path, steps: int) -> None:
+    print(f"\none run alone and two at once (length 40, 32 units, {steps} steps)")
+    print("| optimizer | alone (s) | two at once (s each) | efficiency |")
+    print("|---|---|---|---|")
+    env = {**os.environ, "CURVBENCH_CACHE": str(root / "pairs-cache")}
+    for name, extra in (("sgd_clip", []), ("adahessian", ["-o", "every=1"])):
+
+        def command(i: int, name=name, extra=extra) -> list[str]:
+            return [sys.executable, "-m", "runner.cli", "run", "--task",
+                    "temporal_order", "--optimizer", name, *extra, "--seeds", "2",
+                    "--steps", str(steps), "-t", "length=40", "-t", "hidden=32",
+                    "-t", "init=basic_tanh", "--eval-every", "100",
+                    "--eval-size", "200", "--quiet", "--out",
+                    str(root / f"pairs-{name}-{i}")]  # fmt: skip
+
+        def timed(*commands: list[str]) -> list[float]:
+            start = time.perf_counter()
+            procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL)
+                     for c in commands]  # fmt: skip
+            ends = []
+            for proc in procs:
+                assert proc.wait() == 0
+                ends.append(time.perf_counter() - start)
+            return ends
+
+        timed(command(0))  # compiles into the cache
+        for i in range(3):
+            shutil.rmtree(root / f"pairs-{name}-{i}", ignore_errors=True)
+        (alone,) = timed(command(0))
+        both = timed(command(1), command(2))
+        mean = sum(both) / 2
+        print(
+            f"| {name} | {alone:.1f} | {both[0]:.1f}, {both[1]:.1f} "
+            f"| {alone / mean:.2f} |",
+            flush=True,
+        )
 
 
 def batched(root: Path, steps: int) -> None:
@@ -162,14 +210,29 @@ def killed(root: Path, rounds: int) -> None:
         assert resume_path(checkpoint.with_suffix("").with_suffix(".json")).exists()
 
 
+PARTS = ("executors", "pairs", "batched", "checkpoints", "killed")
+
+
 def main() -> None:
-    quick = quick_option(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--warm-only", action="store_true")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    args = parser.parse_args()
+    quick, parts = args.quick, set(args.parts)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, one thread")
     root = Path(tempfile.mkdtemp(prefix="curvbench-bench-"))
     try:
-        executors(root, 300 if quick else 1000)
-        batched(root, 300 if quick else 2000)
-        checkpoints(root, 1000 if quick else 3000)
-        killed(root, 2 if quick else 5)
+        if "executors" in parts:
+            executors(root, 300 if quick else 1000, args.warm_only)
+        if "pairs" in parts:
+            pairs(root, 1000 if quick else 5000)
+        if "batched" in parts:
+            batched(root, 300 if quick else 2000)
+        if "checkpoints" in parts:
+            checkpoints(root, 1000 if quick else 3000)
+        if "killed" in parts:
+            killed(root, 2 if quick else 5)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
