@@ -29,6 +29,7 @@ Every process runs XLA on one thread, as the ``curvbench`` command does.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import shutil
@@ -95,6 +96,10 @@ def executors(root: Path, steps: int, warm_only: bool = False) -> None:
             start = time.perf_counter()
             outcome = compare(comparison, out, False, spec)
             seconds = time.perf_counter() - start
+            # Idle workers exit after compare returns (a `curvbench compare`
+            # prints its table meanwhile); let them go before the next row.
+            while multiprocessing.active_children():
+                time.sleep(0.05)
             assert not outcome.failures, outcome.failures
             base.setdefault(cache_state, seconds)
             cells += [f"{seconds:.1f}", f"{base[cache_state] / seconds:.2f}x"]
@@ -120,11 +125,14 @@ def pairs(root: Path, steps: int) -> None:
             start = time.perf_counter()
             procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL)
                      for c in commands]  # fmt: skip
-            ends = []
-            for proc in procs:
-                assert proc.wait() == 0
-                ends.append(time.perf_counter() - start)
-            return ends
+            ends: dict[int, float] = {}
+            while len(ends) < len(procs):  # each process's own end time
+                for i, proc in enumerate(procs):
+                    if i not in ends and proc.poll() is not None:
+                        assert proc.returncode == 0
+                        ends[i] = time.perf_counter() - start
+                time.sleep(0.01)
+            return [ends[i] for i in range(len(procs))]
 
         timed(command(0))  # compiles into the cache
         for i in range(3):

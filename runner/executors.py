@@ -234,6 +234,7 @@ def _local(executor, setup, jobs, out, on_start, on_done) -> None:
             queue.sort(key=lambda job: job not in suspects)
         workers = 1 if isolate else min(executor.n_workers, len(queue))
         pool = cf.ProcessPoolExecutor(workers, mp_context=context)
+        settled = False
         try:
             in_flight: dict[cf.Future, tuple[int, ...]] = {}
             crashed: list[tuple[int, ...]] = []
@@ -265,10 +266,13 @@ def _local(executor, setup, jobs, out, on_start, on_done) -> None:
                     suspects.discard(job)
                 else:
                     crashed.append((job, err))
+            settled = True
         finally:
-            # Idle workers exit on their own; waiting while each interpreter tears
-            # JAX down (about a second) would only delay the results.
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Settled, the workers are idle and exit on their own: waiting while each
+            # interpreter tears JAX down (about a second) would only delay the
+            # results. On an error (an interrupt, a failing callback) wait for the
+            # runs in flight, so that none trains on after this returns.
+            pool.shutdown(wait=not settled, cancel_futures=True)
         if len(crashed) == 1:
             job, err = crashed[0]
             _charge(executor, job, attempts, queue, on_done, err)

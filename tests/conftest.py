@@ -22,7 +22,7 @@ use_one_thread()
 
 # The suite's time is mostly XLA compiling many small programs, and LLVM's optimization
 # passes are most of that: compiling at the lowest backend level makes the cold suite
-# about a quarter faster. It changes the generated code (the last bits of some sums,
+# about a third faster. It changes the generated code (the last bits of some sums,
 # not the arithmetic the tests check against their references), so every process in a
 # test, spawned executor workers included, inherits the same flag.
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
