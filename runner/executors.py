@@ -272,7 +272,7 @@ def _local(executor, setup, jobs, out, on_start, on_done) -> None:
             # interpreter tears JAX down (about a second) would only delay the
             # results. On an error (an interrupt, a failing callback) wait for the
             # runs in flight, so that none trains on after this returns.
-            pool.shutdown(wait=not settled, cancel_futures=True)
+            pool.shutdown(wait=not settled)  # no job ever waits in the pool
         if len(crashed) == 1:
             job, err = crashed[0]
             _charge(executor, job, attempts, queue, on_done, err)

@@ -48,12 +48,17 @@ def use_one_thread() -> None:
 
 
 def one_thread_flags(flags: str) -> str:
-    """``flags`` with :data:`ONE_THREAD` added once.
+    """``flags`` (an ``XLA_FLAGS`` value) with :data:`ONE_THREAD` added once."""
+    return with_xla_flag(flags, ONE_THREAD)
+
+
+def with_xla_flag(flags: str, flag: str) -> str:
+    """``flags`` with ``flag`` added unless it is there already.
 
     Never twice: JAX's persistent compilation cache keys programs by the XLA flags, so
     a worker whose flags repeat one would miss every program its parent compiled.
     """
-    return flags if ONE_THREAD in flags else f"{flags} {ONE_THREAD}".strip()
+    return flags if flag in flags.split() else f"{flags} {flag}".strip()
 
 
 def setup(config: WorkerSetup) -> None:

@@ -14,25 +14,25 @@ from pathlib import Path
 import jax
 import pytest
 
-from runner.worker import use_one_thread
+from runner.worker import use_one_thread, with_xla_flag
 
 # One XLA thread per process, as the curvbench command and every executor worker run
 # (run files must not depend on where a run trained); pytest -n 2 runs two of them.
 use_one_thread()
 
-# The suite's time is mostly XLA compiling many small programs, and LLVM's optimization
-# passes are most of that: compiling at the lowest backend level makes the cold suite
-# about a third faster. It changes the generated code (the last bits of some sums,
-# not the arithmetic the tests check against their references), so every process in a
-# test, spawned executor workers included, inherits the same flag.
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
-if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}"
+# Most of the suite's time is XLA compiling small programs (the dense references run
+# op by op), and LLVM's optimization passes are most of that. Compiling at the lowest
+# backend level makes the cold suite about a third faster. It changes the generated
+# code (the last bits of some sums, not the arithmetic the tests check against their
+# references), and every process of a test, spawned executor workers included,
+# inherits the same flags.
+os.environ["XLA_FLAGS"] = with_xla_flag(
+    os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"
+)
 
-# Most of the suite's time is XLA compilation of small programs (the dense references
-# run op by op). JAX's persistent compilation cache shares them between the pytest-xdist
-# workers and keeps them for the next run; compiled code is looked up by a hash of
-# the program, so results are the same with or without it.
+# JAX's persistent compilation cache shares compiled programs between the
+# pytest-xdist workers and keeps them for the next run; compiled code is looked up by
+# a hash of the program, so results are the same with or without it.
 # Executor workers (spawned processes) and the serial executor use the same cache:
 # runner.executors.default_cache_dir() is $CURVBENCH_CACHE/xla.
 os.environ.setdefault(

@@ -9,7 +9,7 @@ from runs import assert_same_run
 from runner.compare import compare, largest_first
 from runner.config import parse_comparison
 from runner.executors import ExecutorConfig, default_cache_dir, slurm_executor
-from runner.worker import ONE_THREAD, one_thread_flags
+from runner.worker import ONE_THREAD, one_thread_flags, with_xla_flag
 from tasks import ConfigError
 
 CACHE = default_cache_dir()  # the suite's cache (conftest sets CURVBENCH_CACHE)
@@ -166,6 +166,10 @@ def test_worker_flags_add_one_thread_once():
     assert flags.split().count(ONE_THREAD) == 1
     assert one_thread_flags(flags) == flags
     assert one_thread_flags("") == ONE_THREAD
+    # Whole flags are compared, not substrings.
+    assert with_xla_flag("--a=10", "--a=1") == "--a=10 --a=1"
+    # XLA stops reading XLA_FLAGS at the first token that is not a flag.
+    assert all(token.startswith("--") for token in ONE_THREAD.split())
 
 
 def test_pools_start_the_largest_runs_first():
