@@ -124,8 +124,9 @@ def contestants(task, params, batch, k: int) -> dict[str, Callable]:
     def ours(name, opt):
         entries[name] = (our_step(task, opt), opt.init(params), batch)
 
-    ours(f"hf k={k}", make_optimizer("hf", damping=DAMPING, min_cg_iters=k,
-                                     max_cg_iters=k))  # fmt: skip
+    for form, label in (("auto", "hf"), ("linearize", "hf linearize")):
+        ours(f"{label} k={k}", make_optimizer("hf", damping=DAMPING, min_cg_iters=k,
+                                              max_cg_iters=k, product=form))  # fmt: skip
     ours("adahessian", make_optimizer("adahessian", every=1))
     ours("sophia_h", make_optimizer("sophia_h", every=1))
     for suffix, predict in predictors(task).items():
@@ -181,7 +182,7 @@ def seconds_per_step(runs: dict, steps: int, rounds: int) -> dict[str, list[floa
 
 
 PAIRS = {  # ours -> the peers it is compared with
-    "hf": ("somax sgn_ce",),
+    "hf": ("somax sgn_ce", "hf linearize"),
     "adahessian": ("somax adahessian",),
     "sophia_h": ("somax sophia_h", "optax sophia"),
 }

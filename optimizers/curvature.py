@@ -21,6 +21,14 @@ steps the loss can score (:meth:`tasks.base.Task.score_steps`) enter ``J_f``, si
 Each ``*_operator`` function linearizes the network once (``jax.linearize``) and
 returns a closure that reuses that linearization for every product, as Hessian-free's
 conjugate gradient needs (one forward-mode and one reverse-mode pass per product).
+
+The Gauss-Newton product has a second form for tasks that score few outputs per
+sequence (the pathological problems score ``K = 1`` step of ``O <= 8`` units): the
+per-sequence Jacobian ``J_f`` of the scored outputs is formed once, ``K O`` rows per
+sequence (one reverse pass per row, all rows and sequences batched), and every product
+is then two matrix-vector products with it. Forming it costs about as much as ``K O``
+linearized products; each product after that costs almost nothing
+(:func:`gauss_newton_jacobian_operator`, chosen by ``form = "auto"``).
 """
 
 from __future__ import annotations
@@ -33,10 +41,19 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from tasks.base import Batch, Task
+from tasks.base import Batch, Task, map_sequences
 
 Array = jax.Array
 Operator = Callable[[dict], dict]
+
+#: ``form = "auto"`` uses the Jacobian form up to this many scored outputs per
+#: sequence (``K O``): forming the Jacobian costs about as much as ``K O`` linearized
+#: products, and Hessian-free's conjugate gradient runs more than that in practice.
+JACOBIAN_MAX_ROWS = 8
+#: ... and while the Jacobian (``B K O x n_params`` numbers) stays under this size.
+JACOBIAN_MAX_BYTES = 256 * 2**20
+#: The forms of the Gauss-Newton product.
+GAUSS_NEWTON_FORMS = ("auto", "jacobian", "linearize")
 
 
 def output_hessian_vp(task: Task, outputs: Array, batch: Batch, v: Array) -> Array:
@@ -59,8 +76,84 @@ def structural_diagonal(task: Task, states: Array, batch: Batch) -> Array:
     return task.state_curvature(states) * (valid / states.shape[1])[..., None]
 
 
+def _is_zero(structural) -> bool:
+    """Whether ``structural`` is a Python zero (structural damping statically off)."""
+    return isinstance(structural, int | float) and structural == 0
+
+
+def jacobian_rows_per_sequence(task: Task, params: dict, batch: Batch) -> int:
+    """``K O``: the scored outputs of one sequence (rows of its output Jacobian)."""
+    outputs = jax.eval_shape(lambda p: task.apply_scored(p, batch)[0], params)
+    return outputs.shape[0] * outputs.shape[2]
+
+
+def jacobian_form_fits(task: Task, params: dict, batch: Batch) -> bool:
+    """Whether ``form = "auto"`` takes the Jacobian form on this task and batch.
+
+    It does when the sequences are independent (:attr:`Task.independent_sequences`),
+    each scores at most :data:`JACOBIAN_MAX_ROWS` outputs and the whole Jacobian
+    fits in :data:`JACOBIAN_MAX_BYTES`. Decided from shapes only (static).
+    """
+    if not task.independent_sequences:
+        return False
+    rows = jacobian_rows_per_sequence(task, params, batch)
+    flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
+    size = batch.inputs.shape[1] * rows * flat.shape[0] * flat.dtype.itemsize
+    return rows <= JACOBIAN_MAX_ROWS and size <= JACOBIAN_MAX_BYTES
+
+
+def output_jacobian(task: Task, params: dict, batch: Batch) -> tuple[Array, Array]:
+    """Scored outputs ``[K, B, O]`` and their Jacobian ``[B, K O, n_params]``.
+
+    Row ``k O + o`` of sequence ``b`` is ``d f_kbo / d theta`` over the flattened
+    parameters (:func:`jax.flatten_util.ravel_pytree` order): one reverse pass per
+    row, batched over rows and sequences (:func:`tasks.base.map_sequences`).
+    """
+    flat, unravel = ravel_pytree(params)
+
+    def one(single: Batch) -> tuple[Array, Array]:
+        out, vjp = jax.vjp(lambda x: task.apply_scored(unravel(x), single)[0], flat)
+        out = out[:, 0]  # [K, O]
+        basis = jnp.eye(out.size, dtype=out.dtype).reshape(out.size, *out.shape)
+        (rows,) = jax.vmap(vjp)(basis[:, :, None])
+        return out, rows
+
+    outputs, rows = map_sequences(one, batch)
+    return jnp.swapaxes(outputs, 0, 1), rows
+
+
+def gauss_newton_jacobian_operator(task: Task, params: dict, batch: Batch) -> Operator:
+    """``v -> G v = J^T H_L J v`` from the per-sequence Jacobian, formed once.
+
+    The same matrix as :func:`gauss_newton_operator` (without structural damping),
+    for tasks whose sequences are independent: ``G = sum_b J_b^T H_b J_b`` with
+    ``J_b`` the ``[K O, n]`` Jacobian of sequence ``b``'s scored outputs and ``H_b``
+    its block of the output-space Hessian. Memory ``B K O n``; each product is two
+    matrix-vector products with ``J`` and one ``H_L`` product.
+    """
+    outputs, rows = output_jacobian(task, params, batch)
+    scored = task.scored_batch(batch)
+    n_seq, n_rows, n_flat = rows.shape
+    jac = rows.reshape(n_seq * n_rows, n_flat)
+    unravel = ravel_pytree(params)[1]
+
+    def as_outputs(flat_rows: Array) -> Array:  # [B K O] -> [K, B, O]
+        return jnp.swapaxes(flat_rows.reshape(n_seq, *outputs.shape[::2]), 0, 1)
+
+    def matvec(v: dict) -> dict:
+        jv = as_outputs(jac @ ravel_pytree(v)[0])
+        ct = output_hessian_vp(task, outputs, scored, jv)
+        return unravel(jnp.swapaxes(ct, 0, 1).reshape(-1) @ jac)
+
+    return matvec
+
+
 def gauss_newton_operator(
-    task: Task, params: dict, batch: Batch, structural: float | Array = 0.0
+    task: Task,
+    params: dict,
+    batch: Batch,
+    structural: float | Array = 0.0,
+    form: str = "linearize",
 ) -> Operator:
     """``v -> G v + structural * S v``, linearized once at ``params`` on ``batch``.
 
@@ -70,10 +163,26 @@ def gauss_newton_operator(
       batch: the curvature minibatch.
       structural: weight of the structural-damping term ``S`` (HF passes
         ``lambda * mu``); 0 leaves it out at no cost when a Python zero.
+      form: "linearize" (one forward- and one reverse-mode pass per product),
+        "jacobian" (:func:`gauss_newton_jacobian_operator`; no structural damping,
+        independent sequences) or "auto" (the Jacobian form where
+        :func:`jacobian_form_fits` and structural damping is off). The same matrix
+        in every form, to rounding.
     """
+    if form not in GAUSS_NEWTON_FORMS:
+        raise ValueError(f"form must be one of {list(GAUSS_NEWTON_FORMS)}")
+    if form == "jacobian" and not _is_zero(structural):
+        raise ValueError("the Jacobian form has no structural damping: use 'linearize'")
+    if form == "jacobian" and not task.independent_sequences:
+        raise ValueError(
+            f"task {task.name!r} sets independent_sequences = False: the Jacobian "
+            "form needs independent sequences; use 'linearize'"
+        )
+    auto = form == "auto" and _is_zero(structural)
+    if form == "jacobian" or (auto and jacobian_form_fits(task, params, batch)):
+        return gauss_newton_jacobian_operator(task, params, batch)
     scored = task.scored_batch(batch)
-    use_states = not (isinstance(structural, int | float) and structural == 0)
-    if not use_states:
+    if _is_zero(structural):
         # Only the outputs are linearized: no state tangents to carry out of the loop
         # and no zero state cotangent to carry back through it.
         outputs, jvp = jax.linearize(lambda p: task.apply_scored(p, batch)[0], params)
@@ -110,18 +219,25 @@ CURVATURES = {"gauss_newton": gauss_newton_operator, "hessian": hessian_operator
 
 
 def curvature_operator(
-    kind: str, task: Task, params: dict, batch: Batch, structural=0.0
+    kind: str,
+    task: Task,
+    params: dict,
+    batch: Batch,
+    structural=0.0,
+    form: str = "linearize",
 ) -> Operator:
     """The ``kind`` ("gauss_newton" or "hessian") operator, plus structural damping.
 
     Structural damping is always taken in Gauss-Newton form, also with the Hessian.
+    ``form`` selects the Gauss-Newton product's form (:func:`gauss_newton_operator`);
+    the Hessian is always linearized.
     """
     if kind == "gauss_newton":
-        return gauss_newton_operator(task, params, batch, structural)
+        return gauss_newton_operator(task, params, batch, structural, form)
     if kind != "hessian":
         raise ValueError(f"curvature must be one of {sorted(CURVATURES)}, not {kind!r}")
     hvp = hessian_operator(task, params, batch)
-    if isinstance(structural, int | float) and structural == 0:
+    if _is_zero(structural):
         return hvp
     structure = structural_operator(task, params, batch)
     return lambda v: jax.tree.map(lambda a, b: a + structural * b, hvp(v), structure(v))

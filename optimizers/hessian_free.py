@@ -39,7 +39,8 @@ import optax.tree_utils as otu
 
 from optimizers.base import Objective, StepRecord, WorkCount, gradient_equivalents
 from optimizers.cg import conjugate_gradient, save_schedule
-from optimizers.curvature import curvature_operator
+from optimizers.curvature import GAUSS_NEWTON_FORMS, curvature_operator
+from tasks.base import map_sequences
 from tasks.hparams import NONNEGATIVE, POSITIVE, UNIT, UNIT_OPEN, Range
 
 Array = jax.Array
@@ -63,17 +64,7 @@ class HessianFreeState(NamedTuple):
 
 def _per_example_sq_grad_mean(task, params, batch):
     """Mean over sequences of squared per-sequence gradients (the preconditioner)."""
-
-    def one(inputs, targets, mask, length):
-        single = batch._replace(
-            inputs=inputs[:, None], targets=targets[:, None], mask=mask[:, None],
-            lengths=length[None],
-        )  # fmt: skip
-        return jax.grad(task.loss)(params, single)
-
-    grads = jax.vmap(one, in_axes=(1, 1, 1, 0))(
-        batch.inputs, batch.targets, batch.mask, batch.lengths
-    )
+    grads = map_sequences(lambda single: jax.grad(task.loss)(params, single), batch)
     return jax.tree.map(lambda g: jnp.mean(g**2, axis=0), grads)
 
 
@@ -165,6 +156,7 @@ def hessian_free(
     damping_increase: Annotated[float, Range(1, None)] = 1.5,
     damping_decrease: Annotated[float, Range(0, 1, True)] = 2.0 / 3.0,
     reuse_curvature: Annotated[int, Range(1, None)] = 1,
+    product: Literal["auto", "jacobian", "linearize"] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Hessian-free with per-step curvature re-estimation (defaults: Martens 2010).
 
@@ -182,11 +174,25 @@ def hessian_free(
       rho_low, rho_high, damping_increase, damping_decrease: Levenberg-Marquardt rule.
       reuse_curvature: keep one curvature batch for this many updates (1: redraw
         every update).
+      product: form of the Gauss-Newton product (the same matrix to rounding):
+        "linearize" (one forward- and one reverse-mode pass per product),
+        "jacobian" (the per-sequence Jacobian of the scored outputs formed once per
+        update, then two matrix-vector products per product) or "auto" (the
+        Jacobian form on tasks that score at most
+        :data:`optimizers.curvature.JACOBIAN_MAX_ROWS` outputs per sequence, without
+        structural damping; see :func:`optimizers.curvature.gauss_newton_operator`).
 
     Needs ``objective=`` and ``key=`` (the runner passes both); with
     ``reuse_curvature > 1`` the objective must carry ``sample_curvature``, and
     with ``structural`` the task must implement ``state_curvature``.
     """
+    if product not in GAUSS_NEWTON_FORMS:
+        raise ValueError(f"product must be one of {list(GAUSS_NEWTON_FORMS)}")
+    if product == "jacobian" and (curvature == "hessian" or structural is not None):
+        raise ValueError(
+            "product = 'jacobian' needs curvature = 'gauss_newton' and no structural "
+            "damping; use 'auto' or 'linearize'"
+        )
     schedule = jnp.array((0, *save_schedule(max_cg_iters)), jnp.int32)
 
     def init_fn(params):
@@ -226,7 +232,9 @@ def hessian_free(
             curv_batch = objective.curvature_batch_at(curv_key)
             age = state.age + 1
         struct = 0.0 if structural is None else lam * structural
-        curv = curvature_operator(curvature, objective.task, params, curv_batch, struct)
+        curv = curvature_operator(
+            curvature, objective.task, params, curv_batch, struct, form=product
+        )
         damped = lambda v: otu.tree_add_scale(curv(v), lam, v)  # noqa: E731
         extra_grads = 0
         if precondition:

@@ -74,6 +74,20 @@ class Batch(NamedTuple):
     lengths: Array
 
 
+def map_sequences(fn, batch: Batch):
+    """``vmap`` of ``fn(single)`` over the sequences of ``batch``, each a batch of one.
+
+    ``single`` is a :class:`Batch` of batch size 1 (``inputs [T, 1, n_in]``, ...); the
+    results get a leading sequence axis. Per-sequence gradients and Jacobians use
+    it, which is valid when :attr:`Task.independent_sequences` holds.
+    """
+
+    def one(inputs, targets, mask, length):
+        return fn(Batch(inputs[:, None], targets[:, None], mask[:, None], length[None]))
+
+    return jax.vmap(one, in_axes=(1, 1, 1, 0))(*batch)
+
+
 def take_steps(values: Array, index: Array) -> Array:
     """``values[index[k, b], b, ...]``: ``[K, B, ...]`` from time-major ``values``."""
     index = index.reshape(index.shape + (1,) * (values.ndim - 2))
@@ -105,6 +119,12 @@ class Task(abc.ABC):
     success_threshold: float | None = 0.01
     #: Number of fresh sequences in the success test (Pascanu et al. 2013: 10,000).
     success_sequences: int = 10_000
+    #: Whether each sequence's outputs depend on its own inputs only (no statistics
+    #: across the batch, as in every recurrent network here). Per-sequence
+    #: Jacobians rely on it: Hessian-free's Jacobian form of the Gauss-Newton product
+    #: (``product = "auto"`` / ``"jacobian"``) and its preconditioner. Set False for a
+    #: model that mixes sequences; ``"auto"`` then keeps the linearized product.
+    independent_sequences: bool = True
 
     @abc.abstractmethod
     def init(self, key: Array) -> Params:

@@ -1,5 +1,7 @@
 """Curvature-vector products against explicit dense matrices, in float64."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,8 @@ from optimizers.curvature import (
     gauss_newton_diagonal_exact,
     gauss_newton_operator,
     hessian_operator,
+    jacobian_form_fits,
+    jacobian_rows_per_sequence,
     lanczos_tridiagonal,
     slq_density,
     spectral_density,
@@ -57,12 +61,13 @@ def _dense_structural(task, params, batch):
     return jac.T @ (d.ravel()[:, None] * jac)
 
 
+@pytest.mark.parametrize("form", ["linearize", "jacobian"])
 @pytest.mark.parametrize("name", sorted(DENSE_TASKS))
-def test_gauss_newton_product_equals_dense(name):
+def test_gauss_newton_product_equals_dense(name, form):
     with jax.enable_x64(True):
         task, params, batch, v, _ = dense_setup(name)
         dense = dense_gauss_newton(task, params, batch)
-        gv = apply_operator(gauss_newton_operator, task, params, batch, v)
+        gv = apply_operator(gauss_newton_operator, task, params, batch, v, form=form)
         np.testing.assert_allclose(
             ravel_pytree(gv)[0], dense @ ravel_pytree(v)[0], rtol=1e-9, atol=1e-12
         )
@@ -217,12 +222,39 @@ def test_overridden_loss_weights_reach_the_loss_and_every_curvature_product():
         outputs_of = lambda f: task.apply(unravel(f), batch.inputs)[0].ravel()  # noqa: E731
         jac = np.asarray(jacobian(outputs_of, flat))
         g_dense = jac.T @ (2 * np.repeat(w.ravel(), outputs.shape[-1])[:, None] * jac)
-        gv = apply_operator(gauss_newton_operator, task, params, batch, v)
-        np.testing.assert_allclose(
-            ravel_pytree(gv)[0], g_dense @ ravel_pytree(v)[0], rtol=1e-9
-        )
+        for form in ("linearize", "jacobian"):  # every step scored: K = T rows
+            gv = apply_operator(
+                gauss_newton_operator, task, params, batch, v, form=form
+            )
+            np.testing.assert_allclose(
+                ravel_pytree(gv)[0], g_dense @ ravel_pytree(v)[0], rtol=1e-9
+            )
         exact = gauss_newton_diagonal_exact(task, params, batch)
         np.testing.assert_allclose(ravel_pytree(exact)[0], np.diag(g_dense), rtol=1e-9)
+
+
+def test_auto_form_takes_the_jacobian_only_where_it_fits():
+    # Temporal order scores one step of 4 units: 4 rows per sequence, the Jacobian.
+    task, params, batch, _, _ = dense_setup("softmax")
+    assert jacobian_rows_per_sequence(task, params, batch) == 4
+    assert jacobian_form_fits(task, params, batch)
+    # Every step scored: 4 steps of one unit fit, 12 are too many rows.
+    for n_steps, fits in ((4, True), (12, False)):
+        user = type("Long", (UserTanhRNN,), {"n_steps": n_steps})()
+        user_params = user.init(jax.random.PRNGKey(0))
+        user_batch = user.sample_batch(jax.random.PRNGKey(1))
+        assert jacobian_rows_per_sequence(user, user_params, user_batch) == n_steps
+        assert jacobian_form_fits(user, user_params, user_batch) == fits
+    # A model that mixes sequences: auto keeps linearizing, the Jacobian refuses.
+    mixed = copy.copy(task)
+    mixed.independent_sequences = False
+    assert not jacobian_form_fits(mixed, params, batch)
+    with pytest.raises(ValueError, match="independent_sequences"):
+        gauss_newton_operator(mixed, params, batch, form="jacobian")
+    with pytest.raises(ValueError, match="structural"):
+        gauss_newton_operator(task, params, batch, 0.1, form="jacobian")
+    with pytest.raises(ValueError, match="form must be one of"):
+        gauss_newton_operator(task, params, batch, form="dense")
 
 
 def test_unknown_curvature_kind():

@@ -88,10 +88,13 @@ def test_cg_backtracking_walks_back_while_decreasing():
     assert int(j) == 3 and float(step["x"][0]) == 5.0 and int(evals) == 2
 
 
-def test_hf_solves_linear_least_squares_in_one_update():
+@pytest.mark.parametrize("product", ["linearize", "jacobian"])
+def test_hf_solves_linear_least_squares_in_one_update(product):
     task = LinearRegression()
     params, batch = _setup(task)
-    opt = make_optimizer("hf", damping=1e-4, max_cg_iters=50, cg_tol=1e-8)
+    opt = make_optimizer(
+        "hf", damping=1e-4, max_cg_iters=50, cg_tol=1e-8, product=product
+    )
     state = opt.init(params)
     update = _jitted_update(task, opt)
     updates, state = update(params, state, batch, batch, jax.random.PRNGKey(0))
@@ -108,6 +111,13 @@ def test_hf_solves_linear_least_squares_in_one_update():
     assert float(state.damping) == pytest.approx(1e-4 * 2 / 3, rel=1e-5)
     assert float(state.record.values["rate"]) == 1.0
     assert int(state.work.curvature_products) >= 14  # 14 parameters
+
+
+def test_jacobian_product_needs_gauss_newton_without_structural_damping():
+    for bad in ({"structural": 0.03}, {"curvature": "hessian"}):
+        with pytest.raises(ValueError, match="product = 'jacobian' needs"):
+            make_optimizer("hf", product="jacobian", **bad)
+    make_optimizer("hf", product="auto", structural=0.03)  # auto linearizes then
 
 
 def test_hf_with_exact_hessian_on_a_convex_problem():
