@@ -25,9 +25,10 @@ conjugate gradient needs (one forward-mode and one reverse-mode pass per product
 The Gauss-Newton product has a second form for tasks that score few outputs per
 sequence (the pathological problems score ``K = 1`` step of ``O <= 8`` units): the
 per-sequence Jacobian ``J_f`` of the scored outputs is formed once, ``K O`` rows per
-sequence (one reverse pass per row, all rows and sequences batched), and every product
-is then two matrix-vector products with it. Forming it costs about as much as ``K O``
-linearized products; each product after that costs almost nothing
+sequence (``K (O - 1)`` for softmax, whose ``H_L`` ignores a shift of all outputs;
+one reverse pass per row, all rows and sequences batched), and every product is then
+two matrix-vector products with it. Forming it costs about as much as one linearized
+product per row; each product after that costs almost nothing
 (:func:`gauss_newton_jacobian_operator`, chosen by ``form = "auto"``).
 """
 
@@ -42,13 +43,15 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from tasks.base import Batch, Task, map_sequences
+from tasks.losses import output_basis
 
 Array = jax.Array
 Operator = Callable[[dict], dict]
 
-#: ``form = "auto"`` uses the Jacobian form up to this many scored outputs per
-#: sequence (``K O``): forming the Jacobian costs about as much as ``K O`` linearized
-#: products, and Hessian-free's conjugate gradient runs more than that in practice.
+#: ``form = "auto"`` uses the Jacobian form up to this many Jacobian rows per
+#: sequence (``K O``, or ``K (O - 1)`` for softmax): forming the Jacobian costs about
+#: as much as one linearized product per row, and Hessian-free's conjugate gradient
+#: runs more products than that in practice.
 JACOBIAN_MAX_ROWS = 8
 #: ... and while the Jacobian (``B K O x n_params`` numbers) stays under this size.
 JACOBIAN_MAX_BYTES = 256 * 2**20
@@ -82,16 +85,20 @@ def _is_zero(structural) -> bool:
 
 
 def jacobian_rows_per_sequence(task: Task, params: dict, batch: Batch) -> int:
-    """``K O``: the scored outputs of one sequence (rows of its output Jacobian)."""
+    """``K r``: rows of one sequence's output Jacobian in the Jacobian form.
+
+    ``K`` scored steps times the ``r`` output directions that carry the output
+    Hessian (:func:`tasks.losses.output_basis`: ``O``, or ``O - 1`` for softmax).
+    """
     outputs = jax.eval_shape(lambda p: task.apply_scored(p, batch)[0], params)
-    return outputs.shape[0] * outputs.shape[2]
+    return outputs.shape[0] * output_basis(task.output_loss, outputs.shape[2]).shape[1]
 
 
 def jacobian_form_fits(task: Task, params: dict, batch: Batch) -> bool:
     """Whether ``form = "auto"`` takes the Jacobian form on this task and batch.
 
     It does when the sequences are independent (:attr:`Task.independent_sequences`),
-    each scores at most :data:`JACOBIAN_MAX_ROWS` outputs and the whole Jacobian
+    each has at most :data:`JACOBIAN_MAX_ROWS` Jacobian rows and the whole Jacobian
     fits in :data:`JACOBIAN_MAX_BYTES`. Decided from shapes only (static).
     """
     if not task.independent_sequences:
@@ -102,21 +109,26 @@ def jacobian_form_fits(task: Task, params: dict, batch: Batch) -> bool:
     return rows <= JACOBIAN_MAX_ROWS and size <= JACOBIAN_MAX_BYTES
 
 
-def output_jacobian(task: Task, params: dict, batch: Batch) -> tuple[Array, Array]:
-    """Scored outputs ``[K, B, O]`` and their Jacobian ``[B, K O, n_params]``.
+def output_jacobian(
+    task: Task, params: dict, batch: Batch, basis: Array
+) -> tuple[Array, Array]:
+    """Scored outputs ``[K, B, O]`` and the Jacobian ``[B, K, r, n_params]``.
 
-    Row ``k O + o`` of sequence ``b`` is ``d f_kbo / d theta`` over the flattened
-    parameters (:func:`jax.flatten_util.ravel_pytree` order): one reverse pass per
-    row, batched over rows and sequences (:func:`tasks.base.map_sequences`).
+    Entry ``[b, k, c]`` is ``d (Q^T f_kb)_c / d theta`` for the ``[O, r]`` output
+    ``basis`` ``Q``, over the flattened parameters (``ravel_pytree`` order): one
+    reverse pass per row, batched over rows and sequences
+    (:func:`tasks.base.map_sequences`).
     """
     flat, unravel = ravel_pytree(params)
 
     def one(single: Batch) -> tuple[Array, Array]:
         out, vjp = jax.vjp(lambda x: task.apply_scored(unravel(x), single)[0], flat)
-        out = out[:, 0]  # [K, O]
-        basis = jnp.eye(out.size, dtype=out.dtype).reshape(out.size, *out.shape)
-        (rows,) = jax.vmap(vjp)(basis[:, :, None])
-        return out, rows
+        n_steps, n_dirs = out.shape[0], basis.shape[1]
+        # Cotangent (k, c): direction Q[:, c] at scored step k, zero elsewhere.
+        steps = jnp.eye(n_steps, dtype=out.dtype)[:, None, :, None, None]
+        cotangents = steps * basis.T.astype(out.dtype)[None, :, None, None, :]
+        (rows,) = jax.vmap(vjp)(cotangents.reshape(n_steps * n_dirs, *out.shape))
+        return out[:, 0], rows.reshape(n_steps, n_dirs, -1)
 
     outputs, rows = map_sequences(one, batch)
     return jnp.swapaxes(outputs, 0, 1), rows
@@ -127,23 +139,25 @@ def gauss_newton_jacobian_operator(task: Task, params: dict, batch: Batch) -> Op
 
     The same matrix as :func:`gauss_newton_operator` (without structural damping),
     for tasks whose sequences are independent: ``G = sum_b J_b^T H_b J_b`` with
-    ``J_b`` the ``[K O, n]`` Jacobian of sequence ``b``'s scored outputs and ``H_b``
-    its block of the output-space Hessian. Memory ``B K O n``; each product is two
-    matrix-vector products with ``J`` and one ``H_L`` product.
+    ``J_b`` the Jacobian of sequence ``b``'s scored outputs and ``H_b`` its block of
+    the output-space Hessian. With the output basis ``Q``
+    (:func:`tasks.losses.output_basis`), ``H_b = Q Q^T H_b Q Q^T``, so only
+    ``Q^T J_b`` is formed: ``K r`` rows per sequence. Memory ``B K r n``; each
+    product is two matrix-vector products with it and one ``H_L`` product.
     """
-    outputs, rows = output_jacobian(task, params, batch)
+    n_out = jax.eval_shape(lambda p: task.apply_scored(p, batch)[0], params).shape[2]
+    basis = jnp.asarray(output_basis(task.output_loss, n_out))
+    outputs, rows = output_jacobian(task, params, batch, basis)
     scored = task.scored_batch(batch)
-    n_seq, n_rows, n_flat = rows.shape
-    jac = rows.reshape(n_seq * n_rows, n_flat)
+    jac = rows.reshape(-1, rows.shape[-1])
+    basis = basis.astype(outputs.dtype)
     unravel = ravel_pytree(params)[1]
 
-    def as_outputs(flat_rows: Array) -> Array:  # [B K O] -> [K, B, O]
-        return jnp.swapaxes(flat_rows.reshape(n_seq, *outputs.shape[::2]), 0, 1)
-
     def matvec(v: dict) -> dict:
-        jv = as_outputs(jac @ ravel_pytree(v)[0])
+        coords = (jac @ ravel_pytree(v)[0]).reshape(rows.shape[:3])  # [B, K, r]
+        jv = jnp.swapaxes(coords @ basis.T, 0, 1)  # [K, B, O]
         ct = output_hessian_vp(task, outputs, scored, jv)
-        return unravel(jnp.swapaxes(ct, 0, 1).reshape(-1) @ jac)
+        return unravel((jnp.swapaxes(ct, 0, 1) @ basis).reshape(-1) @ jac)
 
     return matvec
 

@@ -11,7 +11,10 @@ loss also knows
 * ``sample_targets(key, outputs)``: targets drawn from the model's predictive
   distribution ``p(y | f)`` whose negative log-likelihood is ``l`` (up to a
   constant), so that ``E[grad grad^T] = H_L`` (Monte-Carlo Gauss-Newton, Sophia-G);
-* ``is_wrong(outputs, targets)``: the per-step error test of Pascanu et al. (2013).
+* ``is_wrong(outputs, targets)``: the per-step error test of Pascanu et al. (2013);
+* ``shift_invariant``: whether ``l(f + c 1, y) = l(f, y)`` for every ``c`` (softmax
+  cross-entropy), so that ``H_L 1 = 0`` and the Gauss-Newton matrix only needs the
+  outputs' components orthogonal to ``1`` (:func:`output_basis`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -38,6 +42,7 @@ class OutputLoss(NamedTuple):
       sample_targets: ``(key, outputs [..., O]) -> targets`` from ``p(y | f)``.
       is_wrong: ``(outputs, targets) -> bool [...]`` per-step error test.
       predict: ``outputs -> prediction`` (class index, probability or value).
+      shift_invariant: ``l(f + c 1, y) = l(f, y)`` for all ``c`` (default False).
     """
 
     name: str
@@ -46,6 +51,26 @@ class OutputLoss(NamedTuple):
     sample_targets: Callable[[Array, Array], Array]
     is_wrong: Callable[[Array, Array], Array]
     predict: Callable[[Array], Array]
+    shift_invariant: bool = False
+
+
+def output_basis(loss: OutputLoss, n_out: int) -> np.ndarray:
+    """An orthonormal ``[O, r]`` basis that carries ``H_L``: ``H_L = Q Q^T H_L Q Q^T``.
+
+    The identity (``r = O``), or for a shift-invariant loss the Helmert basis of the
+    complement of ``1`` (``r = O - 1``; column ``j`` is ``(1, ..., 1, -j, 0, ...) /
+    sqrt(j (j + 1))`` with ``j`` ones): ``H_L 1 = 0`` and ``H_L`` is symmetric, so
+    its range lies in that complement. Jacobians of the outputs are then needed
+    only along these ``r`` directions.
+    """
+    if not loss.shift_invariant or n_out == 1:
+        return np.eye(n_out)
+    basis = np.zeros((n_out, n_out - 1))
+    for j in range(1, n_out):
+        basis[:j, j - 1] = 1.0
+        basis[j, j - 1] = -float(j)
+        basis[:, j - 1] /= np.sqrt(j * (j + 1.0))
+    return basis
 
 
 def _se_value(outputs: Array, targets: Array) -> Array:
@@ -90,6 +115,7 @@ softmax_cross_entropy = OutputLoss(
     sample_targets=lambda key, outputs: jax.random.categorical(key, outputs, axis=-1),
     is_wrong=lambda outputs, targets: jnp.argmax(outputs, axis=-1) != targets,
     predict=lambda outputs: jnp.argmax(outputs, axis=-1),
+    shift_invariant=True,
 )
 
 

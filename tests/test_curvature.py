@@ -234,9 +234,9 @@ def test_overridden_loss_weights_reach_the_loss_and_every_curvature_product():
 
 
 def test_auto_form_takes_the_jacobian_only_where_it_fits():
-    # Temporal order scores one step of 4 units: 4 rows per sequence, the Jacobian.
+    # Temporal order scores one step of 4 softmax units: 3 rows per sequence.
     task, params, batch, _, _ = dense_setup("softmax")
-    assert jacobian_rows_per_sequence(task, params, batch) == 4
+    assert jacobian_rows_per_sequence(task, params, batch) == 3
     assert jacobian_form_fits(task, params, batch)
     # Every step scored: 4 steps of one unit fit, 12 are too many rows.
     for n_steps, fits in ((4, True), (12, False)):

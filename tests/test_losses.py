@@ -14,6 +14,7 @@ from tasks.losses import (
     REGRESSION_TOLERANCE,
     loss_weights,
     masked_mean,
+    output_basis,
     sigmoid_cross_entropy,
     softmax_cross_entropy,
     squared_error,
@@ -91,6 +92,23 @@ def test_hessian_is_positive_semidefinite(x64, name):
     f, _ = _outputs_and_target(name, 7)
     eig = np.linalg.eigvalsh(np.asarray(_dense_hvp(loss, f)))
     assert eig.min() > -1e-12
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUT_LOSSES))
+def test_output_basis_carries_the_hessian(x64, name):
+    loss = OUTPUT_LOSSES[name]
+    f, y = _outputs_and_target(name, 3)
+    q = output_basis(loss, N_OUT)
+    np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-12)
+    # Softmax drops the shift of all outputs, which its loss ignores; the others
+    # keep every direction.
+    assert q.shape == (N_OUT, N_OUT - 1 if name == "softmax_cross_entropy" else N_OUT)
+    if name == "softmax_cross_entropy":
+        np.testing.assert_allclose(q.T @ np.ones(N_OUT), 0.0, atol=1e-12)
+        shifted = loss.value(f + 3.0, y)
+        np.testing.assert_allclose(shifted, loss.value(f, y), rtol=1e-12)
+    dense = np.asarray(_dense_hessian(loss, f, y))  # autodiff, not hessian_vp
+    np.testing.assert_allclose(q @ q.T @ dense @ q @ q.T, dense, atol=1e-12)
 
 
 def test_loss_values_closed_form(x64):
