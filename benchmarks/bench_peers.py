@@ -125,8 +125,10 @@ def contestants(task, params, batch, k: int) -> dict[str, Callable]:
         entries[name] = (our_step(task, opt), opt.init(params), batch)
 
     for form, label in (("auto", "hf"), ("linearize", "hf linearize")):
-        ours(f"{label} k={k}", make_optimizer("hf", damping=DAMPING, min_cg_iters=k,
-                                              max_cg_iters=k, product=form))  # fmt: skip
+        hf = make_optimizer(
+            "hf", damping=DAMPING, min_cg_iters=k, max_cg_iters=k, product=form
+        )
+        ours(f"{label} k={k}", hf)
     ours("adahessian", make_optimizer("adahessian", every=1))
     ours("sophia_h", make_optimizer("sophia_h", every=1))
     for suffix, predict in predictors(task).items():
