@@ -35,12 +35,15 @@ from tasks import make_task
 
 
 def product_cost(
-    task, params, batch, n_products: int, form: str, repeats: int
+    task, params, batch, n_products: int, operator, repeats: int = 5
 ) -> tuple[float, float, float]:
-    """(seconds per gradient, setup seconds, marginal seconds per product)."""
+    """(seconds per gradient, setup seconds, marginal seconds per product).
+
+    ``operator(task, params, batch)`` builds ``v -> A v``; ``setup`` is its one-off
+    cost, ``marginal`` that of each product after it.
+    """
     grad = jax.jit(jax.grad(task.loss))
     t_grad = best_time(grad, params, batch, repeats=2 * repeats)
-    operator = partial(gauss_newton_operator, form=form)
 
     def products(params, v, n):
         matvec = operator(task, params, batch)
@@ -99,8 +102,9 @@ def main() -> None:
         if jacobian_form_fits(task, params, batch):
             forms.insert(0, "jacobian")
         for form in forms:
+            operator = partial(gauss_newton_operator, form=form)
             t_grad, setup, marginal = product_cost(
-                task, params, batch, n_products, form, repeats
+                task, params, batch, n_products, operator, repeats
             )
             # HF's default (auto) is the first form listed: the Jacobian where it fits.
             product = "auto" if form == forms[0] else form
