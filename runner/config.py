@@ -117,7 +117,9 @@ def optimizer_spec(optimizer: Any, hparams: dict | None = None) -> OptimizerSpec
     full = check_optimizer(optimizer, hparams)
     traced = {k: full[k] for k in traced_names(optimizer)}
     static = {k: v for k, v in full.items() if k not in traced}
-    return OptimizerSpec(optimizer, resolve_optimizer(optimizer), static, traced)
+    spec = OptimizerSpec(optimizer, resolve_optimizer(optimizer), static, traced)
+    spec.check_builds()  # settings that clash (e.g. hf's product and structural)
+    return spec
 
 
 _TASKS: dict[str, Task] = {}

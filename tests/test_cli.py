@@ -105,6 +105,13 @@ def test_optimizer_grid_labels():
             {"task": [{"name": "wall"}], "optimizer": [{"name": "sgd"}], "steps": "9"},
             "'steps'",
         ),
+        (  # settings that clash are caught when the file is read, not in a worker
+            {
+                "task": [{"name": "wall"}],
+                "optimizer": [{"name": "hf", "product": "jacobian", "structural": 0.1}],
+            },
+            "optimizer 'hf' failed to build: .*product = 'jacobian' needs",
+        ),
     ],
 )
 def test_bad_comparisons_name_the_field(data, message):
