@@ -23,7 +23,7 @@ returns a closure that reuses that linearization for every product, as Hessian-f
 conjugate gradient needs (one forward-mode and one reverse-mode pass per product).
 
 The Gauss-Newton product has a second form for tasks that score few outputs per
-sequence (the pathological problems score ``K = 1`` step of ``O <= 8`` units): the
+sequence (most pathological problems score ``K = 1`` step of ``O <= 8`` units): the
 per-sequence Jacobian ``J_f`` of the scored outputs is formed once, ``K O`` rows per
 sequence (``K (O - 1)`` for softmax, whose ``H_L`` ignores a shift of all outputs;
 one reverse pass per row, all rows and sequences batched), and every product is then
@@ -53,7 +53,8 @@ Operator = Callable[[dict], dict]
 #: as much as one linearized product per row, and Hessian-free's conjugate gradient
 #: runs more products than that in practice.
 JACOBIAN_MAX_ROWS = 8
-#: ... and while the Jacobian (``B K O x n_params`` numbers) stays under this size.
+#: ... and while the Jacobian (``B K r x n_params`` numbers, per run: a runner that
+#: vmaps seeds or grid points holds one per seed and point) stays under this size.
 JACOBIAN_MAX_BYTES = 256 * 2**20
 #: The forms of the Gauss-Newton product.
 GAUSS_NEWTON_FORMS = ("auto", "jacobian", "linearize")
@@ -79,7 +80,7 @@ def structural_diagonal(task: Task, states: Array, batch: Batch) -> Array:
     return task.state_curvature(states) * (valid / states.shape[1])[..., None]
 
 
-def _is_zero(structural) -> bool:
+def _is_zero(structural: float | Array) -> bool:
     """Whether ``structural`` is a Python zero (structural damping statically off)."""
     return isinstance(structural, int | float) and structural == 0
 
@@ -144,7 +145,13 @@ def gauss_newton_jacobian_operator(task: Task, params: dict, batch: Batch) -> Op
     (:func:`tasks.losses.output_basis`), ``H_b = Q Q^T H_b Q Q^T``, so only
     ``Q^T J_b`` is formed: ``K r`` rows per sequence. Memory ``B K r n``; each
     product is two matrix-vector products with it and one ``H_L`` product.
+    Raises ``ValueError`` for a task that sets ``independent_sequences = False``.
     """
+    if not task.independent_sequences:
+        raise ValueError(
+            f"task {task.name!r} sets independent_sequences = False: the Jacobian "
+            "form needs independent sequences; use 'linearize'"
+        )
     n_out = jax.eval_shape(lambda p: task.apply_scored(p, batch)[0], params).shape[2]
     basis = jnp.asarray(output_basis(task.output_loss, n_out))
     outputs, rows = output_jacobian(task, params, batch, basis)
@@ -187,11 +194,6 @@ def gauss_newton_operator(
         raise ValueError(f"form must be one of {list(GAUSS_NEWTON_FORMS)}")
     if form == "jacobian" and not _is_zero(structural):
         raise ValueError("the Jacobian form has no structural damping: use 'linearize'")
-    if form == "jacobian" and not task.independent_sequences:
-        raise ValueError(
-            f"task {task.name!r} sets independent_sequences = False: the Jacobian "
-            "form needs independent sequences; use 'linearize'"
-        )
     auto = form == "auto" and _is_zero(structural)
     if form == "jacobian" or (auto and jacobian_form_fits(task, params, batch)):
         return gauss_newton_jacobian_operator(task, params, batch)
@@ -250,6 +252,8 @@ def curvature_operator(
         return gauss_newton_operator(task, params, batch, structural, form)
     if kind != "hessian":
         raise ValueError(f"curvature must be one of {sorted(CURVATURES)}, not {kind!r}")
+    if form == "jacobian":
+        raise ValueError("the Jacobian form is for Gauss-Newton curvature only")
     hvp = hessian_operator(task, params, batch)
     if _is_zero(structural):
         return hvp

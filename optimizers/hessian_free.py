@@ -178,8 +178,8 @@ def hessian_free(
         "linearize" (one forward- and one reverse-mode pass per product),
         "jacobian" (the per-sequence Jacobian of the scored outputs formed once per
         update, then two matrix-vector products per product) or "auto" (the
-        Jacobian form on tasks that score at most
-        :data:`optimizers.curvature.JACOBIAN_MAX_ROWS` outputs per sequence, without
+        Jacobian form where a sequence has at most
+        :data:`optimizers.curvature.JACOBIAN_MAX_ROWS` Jacobian rows, without
         structural damping; see :func:`optimizers.curvature.gauss_newton_operator`).
 
     Needs ``objective=`` and ``key=`` (the runner passes both); with

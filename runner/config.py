@@ -46,7 +46,12 @@ from typing import Any
 
 import optax
 
-from optimizers.registry import check_optimizer, resolve_optimizer, traced_names
+from optimizers.registry import (
+    OPTIMIZERS,
+    check_optimizer,
+    resolve_optimizer,
+    traced_names,
+)
 from runner.executors import ExecutorConfig
 from runner.options import RunOptions, option_specs
 from runner.tuning import SearchSpace, Study, TuningSpec, parse_tuning
@@ -118,7 +123,10 @@ def optimizer_spec(optimizer: Any, hparams: dict | None = None) -> OptimizerSpec
     traced = {k: full[k] for k in traced_names(optimizer)}
     static = {k: v for k, v in full.items() if k not in traced}
     spec = OptimizerSpec(optimizer, resolve_optimizer(optimizer), static, traced)
-    spec.check_builds()  # settings that clash (e.g. hf's product and structural)
+    if optimizer in OPTIMIZERS:
+        # Built-in settings that clash (hf's product and structural) are bad input;
+        # a plugin's factory that fails is a failed run (it costs only its run).
+        spec.check_builds()
     return spec
 
 

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,7 @@ class Batch(NamedTuple):
     lengths: Array
 
 
-def map_sequences(fn, batch: Batch):
+def map_sequences(fn: Callable[[Batch], Any], batch: Batch) -> Any:
     """``vmap`` of ``fn(single)`` over the sequences of ``batch``, each a batch of one.
 
     ``single`` is a :class:`Batch` of batch size 1 (``inputs [T, 1, n_in]``, ...); the
@@ -120,10 +121,11 @@ class Task(abc.ABC):
     #: Number of fresh sequences in the success test (Pascanu et al. 2013: 10,000).
     success_sequences: int = 10_000
     #: Whether each sequence's outputs depend on its own inputs only (no statistics
-    #: across the batch, as in every recurrent network here). Per-sequence
-    #: Jacobians rely on it: Hessian-free's Jacobian form of the Gauss-Newton product
-    #: (``product = "auto"`` / ``"jacobian"``) and its preconditioner. Set False for a
-    #: model that mixes sequences; ``"auto"`` then keeps the linearized product.
+    #: across the batch, as in every recurrent network here), and column ``b`` of
+    #: :meth:`score_steps` on sequence ``b`` only. Per-sequence Jacobians rely on it:
+    #: Hessian-free's Jacobian form of the Gauss-Newton product (``product = "auto"``
+    #: / ``"jacobian"``) and its preconditioner. Set False for a model that mixes
+    #: sequences; ``"auto"`` then keeps the linearized product.
     independent_sequences: bool = True
 
     @abc.abstractmethod

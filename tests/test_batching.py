@@ -83,7 +83,7 @@ def test_batched_grid_with_a_work_budget_matches_the_runs_alone(tmp_path):
                       "batch_size": 8}],
             "optimizer": [{"name": "hf", "max_cg_iters": 10, "backtrack": False,
                            "line_search": False,
-                           "grid": {"damping": [0.01, 100.0]}}],
+                           "grid": {"damping": [0.01, 1000.0]}}],
         }
     )  # fmt: skip
     alone = compare(comparison, tmp_path / "alone", False, "serial", batch_grid=False)

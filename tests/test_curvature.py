@@ -35,6 +35,7 @@ from optimizers.curvature import (
     structural_operator,
     top_eigenpairs,
 )
+from tasks import make_task
 
 
 def _curvature_operator(task, params, batch, kind, mu):
@@ -97,12 +98,13 @@ def test_structural_damping_equals_dense(name):
         # Combined with Gauss-Newton in one pass, and added to the Hessian.
         g_dense = dense_gauss_newton(task, params, batch)
         mu = 0.3
-        combined = apply_operator(
-            gauss_newton_operator, task, params, batch, v, structural=mu
-        )
-        np.testing.assert_allclose(
-            ravel_pytree(combined)[0], (g_dense + mu * s_dense) @ vf, rtol=1e-9
-        )
+        for form in ("linearize", "auto"):  # auto linearizes: structural damping
+            combined = apply_operator(
+                gauss_newton_operator, task, params, batch, v, structural=mu, form=form
+            )
+            np.testing.assert_allclose(
+                ravel_pytree(combined)[0], (g_dense + mu * s_dense) @ vf, rtol=1e-9
+            )
         h_dense = dense_hessian(task, params, batch)
         hs = apply_operator(
             _curvature_operator, task, params, batch, v, kind="hessian", mu=mu
@@ -231,6 +233,24 @@ def test_overridden_loss_weights_reach_the_loss_and_every_curvature_product():
             )
         exact = gauss_newton_diagonal_exact(task, params, batch)
         np.testing.assert_allclose(ravel_pytree(exact)[0], np.diag(g_dense), rtol=1e-9)
+
+
+def test_jacobian_form_with_several_steps_of_softmax_rows_equals_dense():
+    # Memorization scores every step (K = T) of a 6-way softmax (r = 5 rows per
+    # step), with a mask: rows ordered by step, then direction.
+    with jax.enable_x64(True):
+        task = make_task("memorization", length=12, hidden=3, batch_size=2)
+        params, batch, v = _user_setup(task)
+        n_steps = batch.inputs.shape[0]
+        assert jacobian_rows_per_sequence(task, params, batch) == n_steps * 5
+        dense = dense_gauss_newton(task, params, batch)
+        for form in ("jacobian", "auto"):  # auto: too many rows, linearized
+            gv = apply_operator(
+                gauss_newton_operator, task, params, batch, v, form=form
+            )
+            np.testing.assert_allclose(
+                ravel_pytree(gv)[0], dense @ ravel_pytree(v)[0], rtol=1e-9, atol=1e-12
+            )
 
 
 def test_auto_form_takes_the_jacobian_only_where_it_fits():
