@@ -111,28 +111,30 @@ def jacobian_form_fits(task: Task, params: dict, batch: Batch) -> bool:
 
 
 def output_jacobian(
-    task: Task, params: dict, batch: Batch, basis: Array
-) -> tuple[Array, Array]:
-    """Scored outputs ``[K, B, O]`` and the Jacobian ``[B, K, r, n_params]``.
+    task: Task, params: dict, batch: Batch
+) -> tuple[Array, Array, Array]:
+    """Scored outputs ``[K, B, O]``, the Jacobian ``[B, K, r, n_params]`` and ``Q``.
 
-    Entry ``[b, k, c]`` is ``d (Q^T f_kb)_c / d theta`` for the ``[O, r]`` output
-    ``basis`` ``Q``, over the flattened parameters (``ravel_pytree`` order): one
-    reverse pass per row, batched over rows and sequences
-    (:func:`tasks.base.map_sequences`).
+    ``Q`` is the ``[O, r]`` output basis (:func:`tasks.losses.output_basis`). Entry
+    ``[b, k, c]`` of the Jacobian is ``d (Q^T f_kb)_c / d theta`` over the flattened
+    parameters (``ravel_pytree`` order): one reverse pass per row, batched over rows
+    and sequences (:func:`tasks.base.map_sequences`).
     """
     flat, unravel = ravel_pytree(params)
 
     def one(single: Batch) -> tuple[Array, Array]:
         out, vjp = jax.vjp(lambda x: task.apply_scored(unravel(x), single)[0], flat)
+        basis = jnp.asarray(output_basis(task.output_loss, out.shape[-1]), out.dtype)
         n_steps, n_dirs = out.shape[0], basis.shape[1]
         # Cotangent (k, c): direction Q[:, c] at scored step k, zero elsewhere.
         steps = jnp.eye(n_steps, dtype=out.dtype)[:, None, :, None, None]
-        cotangents = steps * basis.T.astype(out.dtype)[None, :, None, None, :]
+        cotangents = steps * basis.T[None, :, None, None, :]
         (rows,) = jax.vmap(vjp)(cotangents.reshape(n_steps * n_dirs, *out.shape))
         return out[:, 0], rows.reshape(n_steps, n_dirs, -1)
 
     outputs, rows = map_sequences(one, batch)
-    return jnp.swapaxes(outputs, 0, 1), rows
+    basis = output_basis(task.output_loss, outputs.shape[-1])
+    return jnp.swapaxes(outputs, 0, 1), rows, jnp.asarray(basis, outputs.dtype)
 
 
 def gauss_newton_jacobian_operator(task: Task, params: dict, batch: Batch) -> Operator:
@@ -152,12 +154,9 @@ def gauss_newton_jacobian_operator(task: Task, params: dict, batch: Batch) -> Op
             f"task {task.name!r} sets independent_sequences = False: the Jacobian "
             "form needs independent sequences; use 'linearize'"
         )
-    n_out = jax.eval_shape(lambda p: task.apply_scored(p, batch)[0], params).shape[2]
-    basis = jnp.asarray(output_basis(task.output_loss, n_out))
-    outputs, rows = output_jacobian(task, params, batch, basis)
+    outputs, rows, basis = output_jacobian(task, params, batch)
     scored = task.scored_batch(batch)
     jac = rows.reshape(-1, rows.shape[-1])
-    basis = basis.astype(outputs.dtype)
     unravel = ravel_pytree(params)[1]
 
     def matvec(v: dict) -> dict:
