@@ -258,6 +258,22 @@ def test_auto_form_takes_the_jacobian_only_where_it_fits():
     task, params, batch, _, _ = dense_setup("softmax")
     assert jacobian_rows_per_sequence(task, params, batch) == 3
     assert jacobian_form_fits(task, params, batch)
+
+    def built_by(form, structural=0.0):  # which operator builds the product
+        shapes = jax.eval_shape(lambda p: p, params)  # traced, never computed
+        picked = []
+
+        def trace(p):
+            op = gauss_newton_operator(task, p, batch, structural, form=form)
+            picked.append(op.__qualname__.split(".")[0])
+            return op(p)
+
+        jax.eval_shape(trace, shapes)
+        return picked[0]
+
+    assert built_by("auto") == "gauss_newton_jacobian_operator"
+    assert built_by("auto", 0.1) == "gauss_newton_operator"  # structural damping
+    assert built_by("linearize") == "gauss_newton_operator"
     # Every step scored: 4 steps of one unit fit, 12 are too many rows.
     for n_steps, fits in ((4, True), (12, False)):
         user = type("Long", (UserTanhRNN,), {"n_steps": n_steps})()
