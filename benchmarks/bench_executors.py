@@ -5,13 +5,19 @@
    ``local:1``, ``local:2`` and ``dask`` (a ``LocalCluster`` of 2 workers): wall time
    of the whole comparison, compilation included, as the ratio serial / executor:
    first with a cold compilation cache of its own, then again (new results
-   directory) with that cache warm. Target: >= 1.8x with two workers on two cores.
+   directory) with that cache warm, and the cores each used (CPU seconds of the
+   process and its workers / wall seconds). Target: >= 1.8x with two workers on
+   two cores.
    With ``--warm-only`` the cold pass is skipped: every executor shares one cache
    that a first, unreported pass fills.
-2. Parallel efficiency of this machine: one ``curvbench run`` alone against the same
-   run twice at once (two processes, one thread each), for a first-order method
-   (SGD-C) and a Hessian-vector method (AdaHessian). Two workers on two cores can
-   be at most 2 x this efficiency faster than one.
+2. Parallel efficiency of this machine: one process alone against the same process
+   twice at once, for a pure-Python loop that imports nothing (the machine's own
+   efficiency), a ``curvbench run`` of a first-order method (SGD-C) and one of a
+   Hessian-vector method (AdaHessian), with the cores each uses alone (CPU seconds
+   / wall seconds: XLA runs matrix products on one thread, but its runtime runs
+   independent operations of a program on a second one). With both parts, the
+   script prints the ceiling for two workers: 2 x the loop's efficiency / the
+   cores the serial executor used.
 3. A batched 4-point learning-rate grid x 5 seeds against the same 4 runs trained
    one by one (both in this process, cold in-process program cache): time ratio.
 4. Resume checkpoints: a run's training time with the default interval (300 s),
@@ -21,7 +27,8 @@
    age of the last checkpoint when the process died (at most one interval plus the
    chunk in progress).
 
-Every process runs XLA on one thread, as the ``curvbench`` command does.
+Every process runs XLA's matrix products on one thread, as the ``curvbench``
+command does.
 
     python benchmarks/bench_executors.py [--quick] [--warm-only] [--parts ...]
 """
@@ -32,6 +39,7 @@ import argparse
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -39,8 +47,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 from runner.worker import use_one_thread
+
+ROOT = Path(__file__).resolve().parents[1]
 
 use_one_thread()
 
@@ -77,13 +88,16 @@ def executors(root: Path, steps: int, warm_only: bool = False) -> None:
     print(f"\n{len(comparison.runs)} runs, {steps} steps, 2 seeds each")
     print(
         "| executor | cold cache (s) | serial / executor | warm cache (s) "
-        "| serial / executor |"
+        "| serial / executor | cores used (warm) |"
     )
-    print("|---|---|---|---|---|")
-    base = {}
+    print("|---|---|---|---|---|---|")
+    base: dict[str, float] = {}
+    warm: dict[str, tuple[float, float]] = {}  # wall and CPU seconds, warm cache
     if warm_only:  # one shared cache, filled by a pass that is not reported
         fill = ExecutorConfig("local", workers=2, cache_dir=str(root / "cache"))
         assert not compare(comparison, root / "fill", False, fill).failures
+        while multiprocessing.active_children():  # their CPU time counted now
+            time.sleep(0.05)
     for name in ("serial", "local:1", "local:2", "dask"):
         spec = ExecutorConfig.parse(name)
         workers = 2 if name == "dask" else spec.workers
@@ -93,6 +107,7 @@ def executors(root: Path, steps: int, warm_only: bool = False) -> None:
         for cache_state in ("warm",) if warm_only else ("cold", "warm"):
             run_module._PROGRAMS.clear()  # serial compiles like a new process
             out = root / f"{name.replace(':', '')}-{cache_state}"
+            cpu = cpu_seconds()
             start = time.perf_counter()
             outcome = compare(comparison, out, False, spec)
             seconds = time.perf_counter() - start
@@ -100,20 +115,67 @@ def executors(root: Path, steps: int, warm_only: bool = False) -> None:
             # prints its table meanwhile); let them go before the next row.
             while multiprocessing.active_children():
                 time.sleep(0.05)
+            cpu = cpu_seconds() - cpu  # workers' included, once they have exited
             assert not outcome.failures, outcome.failures
             base.setdefault(cache_state, seconds)
             cells += [f"{seconds:.1f}", f"{base[cache_state] / seconds:.2f}x"]
+        cells.append(f"{cpu / seconds:.2f}")
+        warm.setdefault(name, (seconds, cpu))
         print(f"| {name} | {' | '.join(cells)} |", flush=True)
+    serial_seconds, serial_cpu = warm["serial"]
+    start_cpu = worker_start_cpu()
+    ideal = (serial_cpu + 2 * start_cpu) / 2
+    print(
+        f"\nbound for two workers: the serial executor's {serial_cpu:.1f} CPU "
+        f"seconds plus two worker starts of {start_cpu:.1f} each, spread perfectly "
+        f"over 2 cores, take {ideal:.1f} s: {serial_seconds / ideal:.2f}x serial"
+    )
+
+
+def worker_start_cpu() -> float:
+    """CPU seconds a fresh worker process spends before its first run (start,
+    imports, setup), without JAX's teardown at exit, which pools do not wait for."""
+    code = (
+        "import os, runner.worker as w; "
+        "w.setup(w.WorkerSetup(None, True, (), '.')); import runner.batching; "
+        "os._exit(0)"
+    )
+    cpu = cpu_seconds()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    return cpu_seconds() - cpu
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its exited children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+#: A fixed CPU-bound workload with no JAX and no memory traffic: the machine's own
+#: pair efficiency, whatever the toolkit does.
+REFERENCE_LOOP = "s = 0\nfor i in range(25_000_000):\n    s += i * i % 7\n"
+
+
+#: Rounds of "alone, then two at once" per workload (medians reported).
+ROUNDS = 3
 
 
 def pairs(root: Path, steps: int) -> None:
-    print(f"\none run alone and two at once (length 40, 32 units, {steps} steps)")
-    print("| optimizer | alone (s) | two at once (s each) | efficiency |")
-    print("|---|---|---|---|")
+    """One process alone against two at once, interleaved over :data:`ROUNDS`."""
+    print(
+        "\none process alone and two at once "
+        f"(runs: length 40, 32 units, {steps} steps)"
+    )
+    print(
+        "| workload | alone (s) | cores used alone | two at once (s each, range) "
+        "| efficiency |"
+    )
+    print("|---|---|---|---|---|")
     env = {**os.environ, "CURVBENCH_CACHE": str(root / "pairs-cache")}
-    for name, extra in (("sgd_clip", []), ("adahessian", ["-o", "every=1"])):
 
-        def command(i: int, name=name, extra=extra) -> list[str]:
+    def run_command(name: str, extra: list[str]):
+        def command(i: int) -> list[str]:
             return [sys.executable, "-m", "runner.cli", "run", "--task",
                     "temporal_order", "--optimizer", name, *extra, "--seeds", "2",
                     "--steps", str(steps), "-t", "length=40", "-t", "hidden=32",
@@ -121,30 +183,43 @@ def pairs(root: Path, steps: int) -> None:
                     "--eval-size", "200", "--quiet", "--out",
                     str(root / f"pairs-{name}-{i}")]  # fmt: skip
 
-        def timed(*commands: list[str]) -> list[float]:
-            start = time.perf_counter()
-            procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL)
-                     for c in commands]  # fmt: skip
-            ends: dict[int, float] = {}
-            while len(ends) < len(procs):  # each process's own end time
-                for i, proc in enumerate(procs):
-                    if i not in ends and proc.poll() is not None:
-                        assert proc.returncode == 0
-                        ends[i] = time.perf_counter() - start
-                time.sleep(0.01)
-            return [ends[i] for i in range(len(procs))]
+        return command
 
-        timed(command(0))  # compiles into the cache
-        for i in range(3):
-            shutil.rmtree(root / f"pairs-{name}-{i}", ignore_errors=True)
-        (alone,) = timed(command(0))
-        both = timed(command(1), command(2))
-        mean = sum(both) / 2
+    workloads = {
+        "Python loop, no JAX": lambda i: [sys.executable, "-c", REFERENCE_LOOP],
+        "sgd_clip run": run_command("sgd_clip", []),
+        "adahessian run": run_command("adahessian", ["-o", "every=1"]),
+    }
+    for label, command in workloads.items():
+        timed(env, command(0))  # compiles into the cache
+        alone, cores, both = [], [], []
+        for _ in range(ROUNDS):  # alone and together interleaved: the machine drifts
+            for path in root.glob("pairs-*-[0-9]"):
+                shutil.rmtree(path)
+            cpu = cpu_seconds()
+            alone += timed(env, command(0))
+            cores.append((cpu_seconds() - cpu) / alone[-1])
+            both += timed(env, command(1), command(2))
         print(
-            f"| {name} | {alone:.1f} | {both[0]:.1f}, {both[1]:.1f} "
-            f"| {alone / mean:.2f} |",
+            f"| {label} | {median(alone):.1f} | {median(cores):.2f} "
+            f"| {median(both):.1f} ({min(both):.1f}-{max(both):.1f}) "
+            f"| {median(alone) / median(both):.2f} |",
             flush=True,
         )
+
+
+def timed(env: dict, *commands: list[str]) -> list[float]:
+    """Start ``commands`` at once; each one's wall seconds until it exits."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL) for c in commands]
+    ends: dict[int, float] = {}
+    while len(ends) < len(procs):  # each process's own end time
+        for i, proc in enumerate(procs):
+            if i not in ends and proc.poll() is not None:
+                assert proc.returncode == 0
+                ends[i] = time.perf_counter() - start
+        time.sleep(0.01)
+    return [ends[i] for i in range(len(procs))]
 
 
 def batched(root: Path, steps: int) -> None:

@@ -229,13 +229,20 @@ def _chunk_one(
     # every k steps) stay real branches under the seed vmap.
     steps = first_step + jnp.arange(s.chunk_steps, dtype=jnp.int32)
 
+    traced: dict[str, Any] = {}  # the trace row's shapes, from run_step's trace
+
     def run_step(carry, t):
         state, events, trace = _train_step(s, *carry, hparams, step_limit, t)
+        traced["row"] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trace
+        )
         return (state, events), trace
 
     def skip_step(carry, t):  # past the run's last step: no work, a dead trace row
-        trace = jax.eval_shape(run_step, carry, t)[1]
-        return carry, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), trace)
+        # lax.cond traces run_step first; tracing it again only for its output
+        # shapes would double the cost of tracing a training step.
+        row = traced.get("row") or jax.eval_shape(run_step, carry, t)[1]
+        return carry, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), row)
 
     def body(carry, t):
         # t and step_limit are shared by all seeds, so under the seed vmap this stays
