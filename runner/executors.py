@@ -294,23 +294,45 @@ def _charge(executor, job, attempts, queue, on_done, err) -> None:
     _report(_died(job, reason), on_done)
 
 
+#: Dask settings for the ``LocalCluster`` the ``dask`` executor starts. A worker's
+#: sampling profiler (every 10 ms it walks the stack of the thread that trains), its
+#: event-loop tick (20 ms) and its memory monitor (100 ms) all need the GIL, which
+#: tracing a training program holds most of the time: with them at their defaults
+#: the 12-run benchmark grid took 5-10% more CPU seconds than ``local:2`` did.
+#: Memory limits are still enforced, checked once a second.
+LOCAL_CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
+def local_cluster(n_workers: int | None):
+    """A ``LocalCluster`` of ``n_workers`` single-threaded worker processes (one per
+    core by default) with :data:`LOCAL_CLUSTER_CONFIG`, XLA's matrix products on
+    one thread."""
+    import dask
+    from distributed import LocalCluster
+
+    env = {"XLA_FLAGS": one_thread_flags(os.environ.get("XLA_FLAGS", ""))}
+    if os.environ.get("CURVBENCH_XLA_THREADS") == "all":
+        env = {}
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):  # the nannies pass it on to workers
+        return LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, env=env,
+        )  # fmt: skip
+
+
 def _dask(executor, setup, jobs, out, on_start, on_done) -> None:
     """Submit every job to a Dask cluster (a ``LocalCluster`` without an address)."""
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, as_completed
     except ImportError:
         raise ConfigError(
             "executor 'dask' needs dask.distributed: pip install 'curvbench[dask]'"
         ) from None
-    cluster = None
-    if executor.address is None:
-        env = {"XLA_FLAGS": one_thread_flags(os.environ.get("XLA_FLAGS", ""))}
-        if os.environ.get("CURVBENCH_XLA_THREADS") == "all":
-            env = {}
-        cluster = LocalCluster(
-            n_workers=executor.n_workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, env=env,
-        )  # fmt: skip
+    cluster = local_cluster(executor.n_workers) if executor.address is None else None
     client = Client(cluster if cluster is not None else executor.address)
     try:
         futures = {}

@@ -15,7 +15,7 @@ import pickle
 import sys
 from typing import Any, NamedTuple
 
-#: XLA flags that keep a worker on one thread (one worker per core). Only ``--``
+#: XLA flags that keep a worker's matrix products on one thread. Only ``--``
 #: flags belong here: XLA stops reading ``XLA_FLAGS`` at the first token that is not
 #: one, silently dropping every flag after it.
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
@@ -34,11 +34,14 @@ _DONE: dict[str, Any] = {}
 
 
 def use_one_thread() -> None:
-    """Run XLA on one thread in this process (call before its first computation).
+    """Run XLA's matrix products on one thread in this process (call before its
+    first computation).
 
     Every process that trains (the ``curvbench`` command, executor workers, the
-    tests) runs XLA on one thread: matrix products split over several threads sum in
-    another order, and run files would then depend on where a run trained.
+    tests) does so: matrix products split over several threads sum in another order,
+    and run files would then depend on where a run trained. XLA's runtime still runs
+    independent operations of a program concurrently on its pool (one thread per
+    core), which changes no result; one run alone uses 1.0-1.15 cores.
     ``CURVBENCH_XLA_THREADS=all`` leaves XLA's default (all cores) in place, at the
     price of that equality.
     """

@@ -8,7 +8,12 @@ from runs import assert_same_run
 
 from runner.compare import compare, largest_first
 from runner.config import parse_comparison
-from runner.executors import ExecutorConfig, default_cache_dir, slurm_executor
+from runner.executors import (
+    ExecutorConfig,
+    default_cache_dir,
+    local_cluster,
+    slurm_executor,
+)
 from runner.worker import ONE_THREAD, one_thread_flags, with_xla_flag
 from tasks import ConfigError
 
@@ -90,6 +95,34 @@ def test_same_run_files_whatever_the_executor(tmp_path):
     for outcome in outcomes.values():
         for a, b in zip(outcomes["local1"].results, outcome.results, strict=True):
             assert_same_run(a.path, b.path)
+
+
+def _worker_settings(dask_worker) -> dict:
+    callbacks = dask_worker.periodic_callbacks
+    return {
+        "profiler": "profile" in callbacks,
+        "tick_ms": callbacks["tick"].callback_time,
+        "memory_monitor_ms": callbacks["memory_monitor"].callback_time,
+        "threads": dask_worker.state.nthreads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+@pytest.mark.slow
+def test_the_local_dask_cluster_leaves_the_gil_to_training():
+    distributed = pytest.importorskip("distributed")
+    cluster = local_cluster(1)
+    try:
+        with distributed.Client(cluster) as client:
+            (seen,) = client.run(_worker_settings).values()
+    finally:
+        cluster.close()
+    # Dask's defaults: a profiler every 10 ms, a tick every 20 ms, memory every 100.
+    assert seen["profiler"] is False
+    assert seen["tick_ms"] == 1000
+    assert seen["memory_monitor_ms"] == 1000
+    assert seen["threads"] == 1
+    assert ONE_THREAD in seen["xla_flags"].split()
 
 
 @pytest.mark.slow
