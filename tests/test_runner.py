@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis import results as store
+from runner import train as train_module
 from runner.config import run_config
 from runner.run import compile_program, load_result, run
 from runner.train import seed_keys
@@ -186,6 +187,29 @@ def test_step_limit_not_multiple_of_chunk():
     result = _tiny_run(steps=50, eval_every=20)
     assert result.records.step.max() == 50  # three chunks, the last one partial
     assert (result.summary.updates == 50).all()
+
+
+def test_a_chunk_program_traces_the_training_step_once(monkeypatch):
+    # The branch for steps past the limit needs the step's output shapes; it takes
+    # them from the step's own trace, not from tracing the step a second time.
+    traces = []
+    step = train_module._train_step
+    monkeypatch.setattr(
+        train_module, "_train_step", lambda *a: traces.append(1) or step(*a)
+    )
+    config = run_config(
+        "addition", "sgd_clip", task_hparams=TINY, seeds=2, steps=7, eval_every=20
+    )
+    train_keys, eval_keys = seed_keys([0, 1])
+    hparams = {k: jnp.float32(v) for k, v in config.optimizer.traced.items()}
+    settings = train_module.Settings(
+        task=config.task, build_optimizer=config.optimizer.build, chunk_steps=20,
+        eval_size=config.options.eval_size, curvature_batch_size=None,
+    )  # fmt: skip
+    program = train_module.build_program(settings)
+    state = jax.eval_shape(program.init, train_keys, hparams)
+    program.chunk.trace(state, hparams, eval_keys, jnp.int32(7), jnp.int32(0))
+    assert len(traces) == 1
 
 
 @pytest.mark.slow
