@@ -152,7 +152,7 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-#: A fixed CPU-bound workload with no JAX and no memory traffic: the machine's own
+#: A fixed CPU-bound workload with no JAX and a tiny working set: the machine's own
 #: pair efficiency, whatever the toolkit does.
 REFERENCE_LOOP = "s = 0\nfor i in range(25_000_000):\n    s += i * i % 7\n"
 
@@ -191,7 +191,7 @@ def pairs(root: Path, steps: int) -> None:
         "adahessian run": run_command("adahessian", ["-o", "every=1"]),
     }
     for label, command in workloads.items():
-        timed(env, command(0))  # compiles into the cache
+        timed(env, command(0))  # warm-up (a run fills the compilation cache)
         alone, cores, both = [], [], []
         for _ in range(ROUNDS):  # alone and together interleaved: the machine drifts
             for path in root.glob("pairs-*-[0-9]"):
